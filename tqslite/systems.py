@@ -1,0 +1,187 @@
+"""Systems: the state-to-state protocol every probe and evaluation runs on (SPEC section 2).
+
+A *system* maps a batch of states ``x`` of shape ``(B, *S)`` to the next states, same shape,
+and owns a set of named parameter tensors that can be swapped and restored exactly:
+
+* :class:`TorchSystem` adapts an ``nn.Module`` whose forward is that map;
+* :class:`WindowedSystem` adapts a model that reads a history window ``(B, k, *F)`` and predicts
+  the next frame(s): the *state is the window*, so the map stays state-to-state;
+* :class:`Lorenz63` and :class:`Lorenz96` are reference chaotic systems (RK4), written as
+  ``nn.Module`` s whose physical constants are parameters, so they can be probed too.
+
+Any other object with the same methods (``step``, ``parameter_names``, ``get_parameter``,
+``set_parameter``, ``channel_axis``, ``evaluating``) is a system too; the ONNX adapter is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class TorchSystem:
+    """A torch ``nn.Module`` seen as a discrete-time map ``x[t+1] = module(x[t])``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Maps states ``(B, *S)`` to next states ``(B, *S)``. It is used as it is (not copied):
+        the probe swaps its weights in place and always restores them bit for bit.
+    """
+
+    def __init__(self, module: nn.Module):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"TorchSystem wraps an nn.Module, got {type(module).__name__}.")
+        self.module = module
+        self._params = dict(module.named_parameters())
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One step: ``(B, *S) -> (B, *S)``, without gradients."""
+        with torch.no_grad():
+            return self.module(x)
+
+    def parameter_names(self) -> list[str]:
+        """Names of the swappable parameters, in model order."""
+        return list(self._params)
+
+    def get_parameter(self, name: str) -> torch.Tensor:
+        """The live parameter tensor (detached; do not modify it, use :meth:`set_parameter`)."""
+        return self._params[name].detach()
+
+    def set_parameter(self, name: str, value: torch.Tensor) -> None:
+        """Copy ``value`` into parameter ``name`` (same shape; cast to its dtype)."""
+        with torch.no_grad():
+            self._params[name].copy_(value)
+
+    def channel_axis(self, name: str) -> int:
+        """The output-channel axis of parameter ``name`` (0 for torch ``Linear``/``Conv``)."""
+        return 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype rollouts run in (that of the first parameter)."""
+        return next(iter(self._params.values())).dtype if self._params else torch.get_default_dtype()
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Run in eval mode (no dropout), then give every submodule back its own training flag."""
+        flags = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+        try:
+            yield self
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
+
+
+class WindowedSystem(TorchSystem):
+    """A history-window model made state-to-state: the state is the window itself.
+
+    ``module`` reads a window ``(B, k, *F)`` and predicts either the next frame ``(B, *F)`` or
+    the next ``m`` frames ``(B, m, *F)`` (a patch, for a patch-based series model). One step
+    drops the oldest ``m`` frames and appends the prediction, so the state keeps shape
+    ``(B, k, *F)``; for a univariate context ``(B, L)`` with a patch output ``(B, m)`` this is
+    "append each predicted patch to the context".
+    """
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.module(x)
+        if out.ndim == x.ndim - 1:
+            out = out.unsqueeze(1)
+        m = out.shape[1]
+        if m > x.shape[1] or out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"windowed model returned {tuple(out.shape)} for a window {tuple(x.shape)}; "
+                             "expected (B, *F) or (B, m, *F) with m <= k.")
+        return torch.cat([x[:, m:], out.to(x.dtype)], dim=1)
+
+
+def as_system(model):
+    """Return ``model`` as a system: an ``nn.Module`` is wrapped in :class:`TorchSystem`."""
+    if isinstance(model, nn.Module):
+        return TorchSystem(model)
+    needed = ("step", "parameter_names", "get_parameter", "set_parameter", "channel_axis", "evaluating")
+    missing = [m for m in needed if not hasattr(model, m)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} is not a system: it lacks {missing}. "
+                        "Pass an nn.Module or wrap the model in tqslite.TorchSystem / WindowedSystem.")
+    return model
+
+
+@contextlib.contextmanager
+def swapped(system, values: dict):
+    """Temporarily replace parameters ``{name: tensor}``; restore the originals exactly on exit."""
+    saved = {name: system.get_parameter(name).clone() for name in values}
+    try:
+        for name, value in values.items():
+            system.set_parameter(name, value)
+        yield system
+    finally:
+        for name, value in saved.items():
+            system.set_parameter(name, value)
+
+
+def rollout(system, x0: torch.Tensor, steps: int) -> torch.Tensor:
+    """Roll ``system`` out from ``x0`` ``(B, *S)``: returns ``(steps, B, *S)``, states at t = 1..steps."""
+    out, x = [], x0
+    for _ in range(steps):
+        x = system.step(x)
+        out.append(x)
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference chaotic systems
+# --------------------------------------------------------------------------------------------
+
+def _rk4(f, x, dt):
+    k1 = f(x)
+    k2 = f(x + 0.5 * dt * k1)
+    k3 = f(x + 0.5 * dt * k2)
+    k4 = f(x + dt * k3)
+    return x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+class Lorenz63(nn.Module):
+    """Lorenz (1963): ``x' = sigma (y - x)``, ``y' = x (rho - z) - y``, ``z' = x y - beta z``.
+
+    One forward call is one RK4 step of ``dt`` (model time units) on states ``(..., 3)``.
+    ``sigma``, ``rho`` and ``beta`` are parameters, so the probe can perturb them.
+    The classic values give exponents about (0.906, 0, -14.57) summing to ``-(sigma + 1 + beta)``.
+    """
+
+    def __init__(self, sigma=10.0, rho=28.0, beta=8.0 / 3.0, dt=0.01, dtype=torch.float64):
+        super().__init__()
+        self.sigma = nn.Parameter(torch.tensor(sigma, dtype=dtype), requires_grad=False)
+        self.rho = nn.Parameter(torch.tensor(rho, dtype=dtype), requires_grad=False)
+        self.beta = nn.Parameter(torch.tensor(beta, dtype=dtype), requires_grad=False)
+        self.dt = dt
+
+    def tendency(self, s: torch.Tensor) -> torch.Tensor:
+        x, y, z = s[..., 0], s[..., 1], s[..., 2]
+        return torch.stack([self.sigma * (y - x), x * (self.rho - z) - y, x * y - self.beta * z], dim=-1)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return _rk4(self.tendency, s, self.dt)
+
+
+class Lorenz96(nn.Module):
+    """Lorenz (1996): ``x_i' = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F`` on a ring of ``n`` sites.
+
+    One forward call is one RK4 step of ``dt`` (0.05 is about 6 hours) on states ``(..., n)``.
+    The forcing ``F`` is a parameter. With n = 40 and F = 8 the leading exponent is about 1.7.
+    """
+
+    def __init__(self, n=40, forcing=8.0, dt=0.05, dtype=torch.float64):
+        super().__init__()
+        self.n = n
+        self.forcing = nn.Parameter(torch.tensor(forcing, dtype=dtype), requires_grad=False)
+        self.dt = dt
+
+    def tendency(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.roll(x, -1, -1) - torch.roll(x, 2, -1)) * torch.roll(x, 1, -1) - x + self.forcing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _rk4(self.tendency, x, self.dt)
