@@ -17,6 +17,11 @@ The conventions (SPEC section 4) in one place:
   clipped and ``|w - q(w)| <= scale / 2`` holds with the stored scale.
 * ``bits=16`` casts to float16 and back; ``bits=32`` keeps the tensor as it is.
 
+A note on idempotence: symmetric grids re-quantize to themselves bit for bit. Asymmetric ones
+almost always do, but the upward rounding of the float16 scale can leave the top code of a slice
+unused (more often at 7-8 bits), and a second pass then fits a slightly finer grid, moving values
+by less than one step. Rounding the scale to nearest instead would clip the extreme weights.
+
 Storage: codes at ``bits`` bits, scales at 16 bits, asymmetric zero points at ``bits`` bits.
 :func:`storage_bits` counts these exactly and :meth:`QuantizedTensor.to_bytes` writes exactly
 ``ceil(storage_bits / 8)`` bytes of payload.
