@@ -58,7 +58,8 @@ def _milp(costs, sizes, budget, allowed, extra):
     c = np.where(allowed, costs, 0.0)
     c = c - c.min(axis=1, keepdims=True)  # a constant per unit: the argmin is unchanged
     scale = np.abs(c).max()
-    c = c / scale if scale > 0 else c
+    # HiGHS calls a gap below 1e-6 (absolute) closed: scale costs so that it is negligible.
+    c = c * (1e6 / scale) if scale > 0 else c
     one_per_unit = sparse.kron(sparse.eye(U), np.ones((1, K)), format="csr")
     limit = math.floor(budget) + 0.5 if float(sizes.max()).is_integer() else budget
     for _ in range(3):
@@ -98,7 +99,8 @@ def _greedy(costs, sizes, budget, allowed, extra):
         if which is not None:
             ok &= which[rows, cur][:, None] - which > 0
         if not ok.any():
-            raise ValueError("greedy found no downgrade that meets the constraints; they are jointly infeasible.")
+            raise ValueError("greedy only downgrades, and no downgrade brings the constraints within their limits; "
+                             "use solver='milp'.")
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(ok, (costs - costs[rows, cur][:, None]) / saved, np.inf)
         u, k = np.unravel_index(np.argmin(ratio), ratio.shape)

@@ -200,6 +200,21 @@ def _source_cell_index(source_nb, executed_index: int) -> int | None:
     return executed_index - 1 if executed_index > injected_at else executed_index
 
 
+def _last_started_cell(src: Path, executed: Path) -> int | None:
+    """Index in the source of the last cell papermill started (the one that hung or crashed)."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(executed, as_version=4).cells
+    except (OSError, ValueError):  # nothing was written
+        return None
+    started = [i for i, cell in enumerate(cells)
+               if cell.get("metadata", {}).get("papermill", {}).get("start_time")]
+    if not started:
+        return None
+    return _source_cell_index(nbformat.read(src, as_version=4), started[-1])
+
+
 def _display(path: Path) -> str:
     """A path relative to the repository when it is inside it, else absolute."""
     path = Path(path).absolute()
@@ -250,6 +265,8 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
 
     Raises
     ------
+    FileNotFoundError
+        If ``src`` is not a file.
     NotebookError
         If a cell raises, a cell runs past ``timeout`` or the kernel dies. The message names the
         notebook, the failing cell (its index in the source, counting from 0, markdown cells
@@ -260,11 +277,14 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
     from papermill.exceptions import PapermillExecutionError
 
     src = Path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"There is no notebook at {src}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / src.name
     if executed.resolve() == src.resolve():
         raise ValueError(f"out_dir {out_dir} holds the source notebook itself: pick another folder.")
+    executed.unlink(missing_ok=True)  # never mistake an older run's copy for this one
     params = {"output_dir": out_dir, "smoke": bool(smoke), **(parameters or {})}
     # output_dir is a path from where this is called; the kernel runs in the notebook's folder,
     # so it gets the path from there (relative, which also keeps machine paths off the site).
@@ -287,18 +307,20 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
             first_line = next((line for line in err.source.splitlines() if line.strip()), "")
             where = f"cell #{cell + 1} (index {cell}) `{first_line[:60]}`"
         reason = f"{err.ename}: {err.evalue}"
-        if err.ename == "CellExecutionError" and not err.evalue:
-            reason = f"no Python error: the cell ran past the {timeout} s timeout, or the kernel died"
+        if not err.evalue and err.ename == "CellExecutionError":
+            reason = "the cell stopped without a Python error; its executed copy may say why"
         raise NotebookError(
             f"{_display(src)} failed in {where}:\n    {reason}\n"
             f"The executed copy, with the traceback, is at {_display(executed)}.",
             src, executed, cell_index=cell, ename=err.ename, evalue=err.evalue,
         ) from err
-    except Exception as err:  # the kernel did not start, died, or a cell timed out
+    except Exception as err:  # a cell timed out, the kernel died or did not start
+        cell = _last_started_cell(src, executed)
+        where = "before running any cell" if cell is None else f"in cell #{cell + 1} (index {cell})"
         raise NotebookError(
-            f"{_display(src)} could not be executed: {type(err).__name__}: {err}\n"
+            f"{_display(src)} stopped {where}: {type(err).__name__}: {err}\n"
             f"Whatever was executed is at {_display(executed)}.",
-            src, executed, ename=type(err).__name__, evalue=str(err),
+            src, executed, cell_index=cell, ename=type(err).__name__, evalue=str(err),
         ) from err
     return executed
 

@@ -187,6 +187,7 @@ def rtn_scales(w: torch.Tensor, bits: int, granularity="channel", axis=0, group_
 
 def relative_error(w: torch.Tensor, bits: int, **kwargs) -> float:
     """``||Q_b(w) - w|| / ||w||`` (Frobenius, float64); 0 for an all-zero tensor."""
+    w = w.detach()
     norm = float(w.double().norm())
     return 0.0 if norm == 0 else float((rtn_quantize(w, bits, **kwargs).double() - w.double()).norm()) / norm
 
