@@ -16,9 +16,12 @@ The pipeline is ``scores -> cost table -> multiple-choice knapsack -> Plan -> qu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +56,20 @@ def _smallest_size(sizes, allowed) -> float:
     return float(np.where(allowed, sizes, np.inf).min(axis=1).sum())
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence HiGHS's C-level debug prints (written to file descriptor 1) during a solve."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
 def _milp(costs, sizes, budget, allowed, extra):
     U, K = costs.shape
     c = np.where(allowed, costs, 0.0)
@@ -65,8 +82,9 @@ def _milp(costs, sizes, budget, allowed, extra):
     for _ in range(3):
         cons = [LinearConstraint(one_per_unit, 1, 1), LinearConstraint(sizes.reshape(1, -1), -np.inf, limit)]
         cons += [LinearConstraint(w.reshape(1, -1), -np.inf, lim) for w, lim in extra]
-        res = milp(c.ravel(), integrality=np.ones(U * K), bounds=Bounds(0, allowed.ravel().astype(float)),
-                   constraints=cons, options={"mip_rel_gap": 0.0})
+        with _quiet_stdout():
+            res = milp(c.ravel(), integrality=np.ones(U * K), bounds=Bounds(0, allowed.ravel().astype(float)),
+                       constraints=cons, options={"mip_rel_gap": 0.0})
         if res.x is None:
             raise ValueError(f"the exact solver found no solution ({res.message}); the constraints are jointly infeasible.")
         choice = res.x.reshape(U, K).argmax(axis=1)

@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .quantization import check_bits, check_finite, rtn_quantize
 from .systems import as_system, swapped
@@ -75,8 +75,8 @@ def _as_states(x0, dtype) -> torch.Tensor:
 
 
 def _rms_divergence(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    """RMS over state elements of ``x - ref``, per batch row, float64; NaN becomes +inf."""
-    d = (x - ref).double().flatten(1).pow(2).mean(1).sqrt().numpy()
+    """RMS over state elements of ``x - ref`` for states ``(T, B, *S)``: ``(B, T)`` float64, NaN -> +inf."""
+    d = (x - ref).double().flatten(2).pow(2).mean(2).sqrt().T.numpy()
     return np.where(np.isnan(d), np.inf, d)
 
 
@@ -191,13 +191,11 @@ def probe(
             perturbed = {p: system.get_parameter(p) + d for p, d in deltas.items()}
             with swapped(system, perturbed):
                 for sl in batches:
-                    x = x0[sl]
+                    x, states = x0[sl], torch.empty_like(ref[:, sl])
                     for t in range(horizon):
-                        x = system.step(x)
-                        div[i, sl, t] = _rms_divergence(x, ref[t, sl])
-                        if np.isinf(div[i, sl, t]).all():
-                            div[i, sl, t:] = np.inf  # blown up: later leads stay non-finite
-                            break
+                        x = states[t] = system.step(x)
+                    div[i, sl] = _rms_divergence(states, ref[:, sl])
+            div[i][np.logical_or.accumulate(np.isinf(div[i]), axis=1)] = np.inf  # once blown up, stays so
     return _assemble(unit_list, system, eps, div, dead_threshold, dict(
         kind=kind, granularity="custom" if units is not None else granularity, horizon=horizon,
         bits=bits if kind == "quant" else "none", sigma_rel=sigma_rel if kind == "gauss" else "none",
