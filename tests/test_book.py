@@ -193,6 +193,14 @@ def test_error_names_notebook_and_cell(tmp_path, first_code):
     assert "boom in the second code cell" in err.executed.read_text(), "the executed copy keeps the traceback"
 
 
+def test_timeout_names_the_cell(tmp_path):
+    src = write_notebook(tmp_path / "slow.ipynb", [("code", "x = 1"), ("code", "import time\ntime.sleep(60)")])
+    with pytest.raises(NotebookError) as info:
+        execute_notebook(src, tmp_path / "out", timeout=2)
+    assert "slow.ipynb" in str(info.value) and "index 1" in str(info.value) and "timed out" in str(info.value)
+    assert info.value.cell_index == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # (c) Running one notebook with parameters
 # ----------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ Command line::
 
     python -m tqslite.book build [--smoke] [--out DIR] [--timeout SECONDS]
     python -m tqslite.book run NOTEBOOK [-p NAME VALUE ...] [--out DIR] [--smoke]
+    python -m tqslite.book strip NOTEBOOK [NOTEBOOK ...]
 
 ``NOTEBOOK`` is a number (``06``), a name prefix (``06_alloc``) or a path to a notebook.
 In SMOKE mode every notebook runs its quick version: it gets the parameter ``smoke=True`` and
@@ -461,6 +462,29 @@ def build_site(smoke=False, out=SITE_DIR, stage=STAGE_DIR, notebooks_dir=NOTEBOO
     return out
 
 
+def strip_outputs(path) -> bool:
+    """Remove outputs and execution counts from a notebook in place, keeping cell tags.
+
+    Notebooks are committed without outputs; papermill needs the ``parameters`` tag, so the
+    cells' metadata (tags included) are kept. Returns ``True`` if the file changed.
+    """
+    import nbformat
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    before = nbformat.writes(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nb.metadata.pop("papermill", None)
+    after = nbformat.writes(nb)
+    if after != before:
+        path.write_text(after)
+    return after != before
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -503,9 +527,15 @@ def main(argv=None) -> int:
     run.add_argument("--smoke", action="store_true", help="run the notebook's quick version")
     run.add_argument("--timeout", type=float, default=CELL_TIMEOUT, help="seconds one cell may run")
 
+    strip = commands.add_parser("strip", help="remove outputs from notebooks in place, keeping cell tags")
+    strip.add_argument("paths", nargs="+", type=Path, help="notebooks to strip")
+
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
+        if args.command == "strip":
+            for path in args.paths:
+                print(f"{'stripped' if strip_outputs(path) else 'already clean'}: {path}")
+        elif args.command == "build":
             build_site(smoke=args.smoke, out=args.out, timeout=args.timeout)
         else:
             src = find_notebook(args.notebook)
