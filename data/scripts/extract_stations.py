@@ -153,7 +153,7 @@ def make_wind(args, argv):
                      "in gstat (GPL-2+). Cite Haslett & Raftery (1989). See data/README.md."),
             Conventions="CF-1.8",
             featureType="timeSeries",
-            history="python data/scripts/extract_stations.py " + " ".join(argv),
+            history=" ".join(["python data/scripts/extract_stations.py", *argv]),
         ),
     )
     enc = dict(wind_speed=dict(zlib=True, complevel=4, dtype="float32",
@@ -228,7 +228,7 @@ def make_clemson(args, argv):
             quality_control=qc_text,
             license="NOAA GHCN-Daily data: U.S. Government work, public domain.",
             Conventions="CF-1.8",
-            history="python data/scripts/extract_stations.py " + " ".join(argv),
+            history=" ".join(["python data/scripts/extract_stations.py", *argv]),
         ),
     )
     nan = np.float32(np.nan)

@@ -8,8 +8,9 @@ NeuralGCM) on CPU with JAX.  Settings:
 
 * T21 spectral truncation, 32 x 64 Gaussian grid, 10 equidistant sigma levels;
 * IMEX SIL3 Runge-Kutta time stepping with a 20-minute step;
-* exponential step filter with tau=0.0087504, order=1.5, cutoff=0.8 (the
-  values of dinosaur's own Held-Suarez example notebook);
+* exponential step filter with tau=0.0087504 (nondimensional, = 1/10 of the
+  20-minute step), order=1.5, cutoff=0.8 (the values of dinosaur's own
+  Held-Suarez example notebook);
 * start from an isothermal (288 K) atmosphere at rest with the notebook's
   seeded surface-pressure bump (p1 = 50 hPa, position drawn from the seed) plus
   seeded random noise of 0.1 K grid-point RMS (white noise truncated to T21)
@@ -25,7 +26,8 @@ z500 (geopotential, m2 s-2), t850 (K), u250, v250, u850, v850 (m s-1) and
 surface pressure ps (Pa).  Dims ``(time, lat, lon)``; lat ascending
 (south to north, Gaussian latitudes), lon 0..354.375 degrees_east.
 Every variable is packed as int16 with a fixed scale_factor/add_offset
-(see ``PACKING``) and zlib level 4; xarray decodes them to float32.
+(see ``PACKING``: steps 2 m2 s-2, 0.01 K, 0.02 m s-1, 2 Pa), shuffle + zlib
+level 4 in chunks of 100 time steps; xarray decodes them to float32.
 
 How to run (from the repository root, in an environment with
 ``data/scripts/requirements-data.txt`` installed)::
@@ -56,13 +58,13 @@ import numpy as np
 # Representable range = add_offset +/- 32767 * scale_factor (-32768 is the
 # fill value).  The quantisation step is scale_factor (error <= step / 2).
 PACKING = {
-    "z500": (0.5, 52000.0),   # m2 s-2: step 0.5 m2/s2 (~0.05 gpm); range 35617..68383
-    "t850": (0.005, 260.0),   # K: step 0.005 K; range 96.2..423.8 K
-    "u250": (0.004, 0.0),     # m/s: step 0.004 m/s; range -131..131
-    "v250": (0.004, 0.0),
-    "u850": (0.004, 0.0),
-    "v850": (0.004, 0.0),
-    "ps": (0.5, 100000.0),    # Pa: step 0.5 Pa (0.005 hPa); range 83617..116383 Pa
+    "z500": (2.0, 52000.0),   # m2 s-2: step 2 m2/s2 (~0.2 gpm); range -13534..117534
+    "t850": (0.01, 260.0),    # K: step 0.01 K; range -67.7..587.7 K
+    "u250": (0.02, 0.0),      # m/s: step 0.02 m/s; range -655..655
+    "v250": (0.02, 0.0),
+    "u850": (0.02, 0.0),
+    "v850": (0.02, 0.0),
+    "ps": (2.0, 100000.0),    # Pa: step 2 Pa (0.02 hPa); range 34466..165534 Pa
 }
 
 VAR_ATTRS = {
@@ -101,6 +103,11 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--noise-kelvin", type=float, default=0.1,
                    help="grid-point RMS (K) of the seeded initial temperature noise")
+    p.add_argument("--filter-tau", type=float, default=0.0087504,
+                   help="exponential filter time scale (dinosaur's nondimensional "
+                        "units; 0.0087504 = 2 minutes) as in dinosaur's HS notebook")
+    p.add_argument("--filter-order", type=float, default=1.5)
+    p.add_argument("--filter-cutoff", type=float, default=0.8)
     p.add_argument("--chunk", type=int, default=100,
                    help="snapshots per compiled call (no effect on results)")
     p.add_argument("--output", default=os.path.join(
@@ -163,7 +170,8 @@ class Model:
         eq = time_integration.compose_equations([primitive, forcing])
         step = time_integration.imex_rk_sil3(eq, dt)
         filters = [time_integration.exponential_step_filter(
-            grid, dt, tau=0.0087504, order=1.5, cutoff=0.8)]
+            grid, dt, tau=args.filter_tau, order=args.filter_order,
+            cutoff=args.filter_cutoff)]
         self.step_fn = time_integration.step_with_filters(step, filters)
 
         minutes_per_save = args.save_every_hours * 60
@@ -393,7 +401,8 @@ def run(args, argv):
         data_vars[k] = xr.DataArray(arr, dims=("time", "lat", "lon"), attrs=attrs)
         encoding[k] = dict(dtype="int16", scale_factor=np.float32(scale),
                            add_offset=np.float32(offset), _FillValue=np.int16(-32768),
-                           zlib=True, complevel=4, chunksizes=(1, len(lat), len(lon)))
+                           zlib=True, complevel=4, shuffle=True,
+                           chunksizes=(min(args.steps, 100), len(lat), len(lon)))
     ds = xr.Dataset(
         data_vars,
         coords=dict(
@@ -421,7 +430,8 @@ def run(args, argv):
             resolution=(f"T{args.truncation} spectral truncation, {len(lat)} x {len(lon)} "
                         f"Gaussian grid, {args.layers} equidistant sigma levels"),
             time_step=f"{args.dt_minutes:g} minutes (IMEX SIL3 Runge-Kutta)",
-            filter="exponential_step_filter(tau=0.0087504, order=1.5, cutoff=0.8)",
+            filter=(f"dinosaur exponential_step_filter(tau={args.filter_tau:g}, "
+                    f"order={args.filter_order:g}, cutoff={args.filter_cutoff:g})"),
             spinup_days=np.int32(args.spinup_days),
             output_interval=f"{args.save_every_hours} hours",
             seed=np.int32(args.seed),
@@ -434,7 +444,7 @@ def run(args, argv):
                                     "extrapolation outside the layer centres"),
             Conventions="CF-1.8",
             license="generated data, distributed with tqslite under the project licence (MIT); see data/README.md",
-            history="python data/scripts/make_held_suarez.py " + " ".join(argv),
+            history=" ".join(["python data/scripts/make_held_suarez.py", *argv]),
         ),
     )
     out = os.path.abspath(args.output)
@@ -456,13 +466,19 @@ def check(path):
             a = ds[k]
             print(f"  {k}: dtype {a.dtype}, min {float(a.min()):.4g}, "
                   f"max {float(a.max()):.4g}, mean {float(a.mean()):.6g}")
-        zm = ds.u250.mean(("time", "lon"))
         lat = ds.lat.values
-        for name, sel in (("south", lat < 0), ("north", lat > 0)):
-            zz = zm.values[sel]
-            i = int(np.argmax(zz))
-            print(f"  zonal-time-mean u250 max, {name}ern hemisphere: "
-                  f"{zz[i]:.2f} m/s at {lat[sel][i]:.2f} deg")
+        for var in ("u250", "u850"):
+            zm = ds[var].mean(("time", "lon")).values.astype(np.float64)
+            for name, sel in (("south", lat < 0), ("north", lat > 0)):
+                zz, la = zm[sel], lat[sel]
+                i = int(np.argmax(zz))
+                peak = ""
+                if 0 < i < len(zz) - 1:  # parabola through the maximum and neighbours
+                    c = np.polyfit(la[i - 1:i + 2], zz[i - 1:i + 2], 2)
+                    peak = (f"; parabolic peak {np.polyval(c, -c[1] / (2 * c[0])):.2f} m/s "
+                            f"at {-c[1] / (2 * c[0]):.1f} deg")
+                print(f"  zonal-time-mean {var} max, {name}ern hemisphere: "
+                      f"{zz[i]:.2f} m/s at grid latitude {la[i]:.2f} deg{peak}")
 
 
 def _version(pkg):
