@@ -44,24 +44,26 @@ def unit_seed(seed: int, label: str) -> int:
 def perturbation(system, unit: Unit, kind: str, bits: int = 4, sigma_rel: float = 1e-2, seed: int = 0,
                  quant_granularity: str = "channel", group_size: int | None = None,
                  symmetric: bool = True) -> tuple[dict, float]:
-    """The perturbation of one unit: ``({param name: delta tensor}, eps_u)``.
+    """The perturbed weights of one unit, ``theta_u + delta_u``, and ``eps_u``.
 
-    ``eps_u = ||delta_u|| / ||theta_u||`` over all tensors of the unit (float64; 0 when both are 0).
+    Returns ``({param name: perturbed tensor}, eps_u)`` with
+    ``eps_u = ||delta_u|| / ||theta_u||`` over all tensors of the unit (float64; 0 when both are
+    0). For ``kind="quant"`` the perturbed tensor is exactly ``Q_b(theta)``.
     """
-    deltas, num, den = {}, 0.0, 0.0
+    perturbed, num, den = {}, 0.0, 0.0
     gen = torch.Generator().manual_seed(unit_seed(seed, unit.label))
     for name in unit.params:
         w = system.get_parameter(name)
         if kind == "quant":
-            delta = rtn_quantize(w, bits, quant_granularity, system.channel_axis(name), group_size, symmetric) - w
+            new = rtn_quantize(w, bits, quant_granularity, system.channel_axis(name), group_size, symmetric)
         else:
             rms = float(w.double().pow(2).mean().sqrt()) if w.numel() else 0.0
             xi = torch.randn(tuple(w.shape), generator=gen, dtype=torch.float64)
-            delta = (sigma_rel * rms * xi).to(w.dtype)
-        deltas[name] = delta
-        num += float(delta.double().pow(2).sum())
+            new = w + (sigma_rel * rms * xi).to(w.dtype)
+        perturbed[name] = new
+        num += float((new.double() - w.double()).pow(2).sum())
         den += float(w.double().pow(2).sum())
-    return deltas, (math.sqrt(num / den) if den > 0 else 0.0)
+    return perturbed, (math.sqrt(num / den) if den > 0 else 0.0)
 
 
 def _as_states(x0, dtype) -> torch.Tensor:
@@ -184,11 +186,10 @@ def probe(
         eps = np.zeros(len(unit_list))
         div = np.zeros((len(unit_list), n_win, horizon))
         for i, unit in enumerate(tqdm(unit_list, desc=f"TQS probe ({kind})", disable=not progress)):
-            deltas, eps[i] = perturbation(system, unit, kind, bits, sigma_rel, seed, quant_granularity,
-                                          group_size, symmetric)
+            perturbed, eps[i] = perturbation(system, unit, kind, bits, sigma_rel, seed, quant_granularity,
+                                             group_size, symmetric)
             if eps[i] == 0:
                 continue  # nothing to perturb: a dead unit, no rollout needed
-            perturbed = {p: system.get_parameter(p) + d for p, d in deltas.items()}
             with swapped(system, perturbed):
                 for sl in batches:
                     x, states = x0[sl], torch.empty_like(ref[:, sl])
