@@ -52,12 +52,14 @@ def plain_rollouts(model, x0, horizon, repeats):
                 x = model(x)
 
 
-def time_it(fn, repeat=3):
-    best = np.inf
+def best_times(fns, repeat=5):
+    """Best wall time of each function over ``repeat`` interleaved rounds (robust to passing load)."""
+    best = [np.inf] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -65,8 +67,8 @@ def throughput(name, model, x0, horizon):
     model.eval()
     n_units = len(list(model.parameters()))
     steps = x0.shape[0] * horizon * (n_units + 1)
-    t_plain = time_it(lambda: plain_rollouts(model, x0, horizon, n_units + 1))
-    t_probe = time_it(lambda: tqslite.probe(model, x0, horizon=horizon, progress=False))
+    t_plain, t_probe = best_times([lambda: plain_rollouts(model, x0, horizon, n_units + 1),
+                                   lambda: tqslite.probe(model, x0, horizon=horizon, progress=False)])
     return dict(model=name, units=n_units, params=sum(p.numel() for p in model.parameters()),
                 plain=steps / t_plain, probe=steps / t_probe, ratio=t_plain / t_probe)
 
