@@ -209,3 +209,12 @@ def test_pareto_front_from_one_sweep(mlp, scored):
     assert front["bits"].sel(budget=5).values.tolist() == list(one.values())
     auto = pareto(scored, mlp)
     assert auto.sizes["budget"] == 10
+
+
+def test_uniform_plan_is_every_unit_at_one_width(mlp, scored):
+    plan = tqslite.uniform_plan(scored, mlp, bits=4)
+    assert set(plan.values()) == {4}
+    assert plan.size_bits == sum(tqslite.storage_bits(tuple(p.shape), 4) for p in mlp.parameters())
+    mixed = allocate(scored, mlp, budget_bits=plan.bits_per_param)
+    assert mixed.bits_per_param <= plan.bits_per_param
+    assert mixed.predicted_error <= plan.predicted_error  # the optimum is never worse at the same size

@@ -8,10 +8,12 @@ The pieces, one module per job:
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;
 * :mod:`tqslite.allocation` -- cost tables, the knapsack solvers, plans, Pareto fronts;
-* :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents.
+* :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
+* :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
+* :mod:`tqslite.emulators` -- small learned emulators of the reference systems.
 """
 
-from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, solve_mckp
+from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, solve_mckp, uniform_plan
 from .dynamics import finite_time_lyapunov, lyapunov_spectrum
 from .probe import gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
@@ -25,5 +27,5 @@ __all__ = [
     "InfeasibleBudget", "Plan", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
     "allocate", "apply_plan", "as_system", "bootstrap_gamma", "cost_table", "finite_time_lyapunov", "gamma_at",
     "lyapunov_spectrum", "make_units", "pareto", "probe", "relative_error", "rollout", "rtn_quantize",
-    "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits",
+    "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "uniform_plan",
 ]

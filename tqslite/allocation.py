@@ -453,6 +453,22 @@ def _plan(table: xr.Dataset, rows: np.ndarray, settings: dict) -> Plan:
     )
 
 
+def uniform_plan(scores, model=None, bits: int = 4, granularity="channel", group_size=None,
+                 symmetric=True) -> Plan:
+    """Every unit at the same bit width: uniform RTN, priced with the same size accounting.
+
+    The baseline that mixed-precision plans are compared with at matched size. ``scores`` is a
+    probe result (with ``model``) or a :func:`cost_table` that has ``bits`` among its options.
+    """
+    table = scores if "cost" in scores else cost_table(
+        scores, _need(model), (bits,), "linear", granularity, group_size, symmetric)
+    options = table["bits"].values.tolist()
+    if bits not in options:
+        raise ValueError(f"bits={bits} is not among the cost table's options {options}.")
+    rows = np.full(table.sizes["unit"], options.index(bits))
+    return _plan(table, rows, dict(solver="uniform", budget_bits=None, fp_budget=None, tied=[], options=options))
+
+
 def pareto(scores, model=None, budgets=None, **kwargs) -> xr.Dataset:
     """Plans for many budgets (average bits per parameter) from one score set.
 

@@ -1,0 +1,83 @@
+"""Evaluation of rollouts (SPEC section 5): forecasts as xarray, RMSE, latitude weights, ACC.
+
+A forecast here is a :class:`xarray.DataArray` with dims ``("window", "lead", *state_dims)``:
+``N`` initial states rolled out for ``T`` steps. Errors are computed against another forecast
+(the float model: the error quantization adds) or against the truth (the data itself), per lead
+time and, for gridded states, per variable:
+
+* ``rmse``: ``sqrt(mean over windows and space of w * (a - b)**2)`` with latitude weights
+  ``w = cos(lat) / mean(cos(lat))`` when the data have a ``lat`` dim (as in WeatherBench);
+* ``acc``: the anomaly correlation coefficient against a climatology, latitude-weighted too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .systems import as_system, rollout
+
+
+def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArray:
+    """Roll ``model`` out from initial states and label the result.
+
+    Parameters
+    ----------
+    model : nn.Module or system
+        The forecaster (a quantized copy or the float model).
+    x0 : DataArray or Tensor, shape ``(window, *S)``
+        Initial states. A DataArray's dims and coords (e.g. ``variable``, ``lat``, ``lon``) are
+        carried over to the forecast; a tensor gets dims ``window, dim_0, dim_1, ...``.
+    steps : int
+        Leads 1..steps.
+    batch_size : int, optional
+        Windows per forward call (default: all at once).
+
+    Returns
+    -------
+    DataArray, dims ``(window, lead, *state_dims)``, in the model's dtype.
+    """
+    system = as_system(model)
+    if not isinstance(x0, xr.DataArray):
+        values = np.asarray(x0)
+        x0 = xr.DataArray(values, dims=("window", *[f"dim_{i}" for i in range(values.ndim - 1)]))
+    x = torch.as_tensor(x0.values).to(system.dtype)
+    batch_size = batch_size or len(x)
+    with system.evaluating():
+        out = torch.cat([rollout(system, x[i:i + batch_size], steps) for i in range(0, len(x), batch_size)], dim=1)
+    da = xr.DataArray(out.transpose(0, 1).numpy(), dims=(x0.dims[0], "lead", *x0.dims[1:]), coords=x0.coords)
+    return da.assign_coords(lead=np.arange(1, steps + 1))
+
+
+def lat_weights(lat) -> xr.DataArray:
+    """``cos(lat) / mean(cos(lat))`` on the ``lat`` coordinate (degrees)."""
+    w = np.cos(np.deg2rad(np.asarray(lat, float)))
+    return xr.DataArray(w / w.mean(), dims="lat", coords={"lat": np.asarray(lat)})
+
+
+def _mean(x: xr.DataArray, keep) -> xr.DataArray:
+    """Mean over every dim but ``lead`` and ``keep``; latitude-weighted when there is a ``lat`` dim."""
+    dims = [d for d in x.dims if d not in ("lead", *keep)]
+    return x.weighted(lat_weights(x["lat"])).mean(dims) if "lat" in x.dims else x.mean(dims)
+
+
+def rmse(a: xr.DataArray, b: xr.DataArray, keep=("variable",)) -> xr.DataArray:
+    """Root-mean-square difference per lead (and per ``keep`` dim), latitude-weighted if gridded.
+
+    Averages over every dim except ``lead`` and those in ``keep`` (windows, space, stations),
+    in float64.
+    """
+    return np.sqrt(_mean((a.astype("float64") - b.astype("float64")) ** 2, keep))
+
+
+def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=("variable",)) -> xr.DataArray:
+    """Anomaly correlation per lead: ``mean(f' t') / sqrt(mean(f'^2) mean(t'^2))``.
+
+    ``f' = fc - climatology`` and ``t' = truth - climatology`` (anomalies, not re-centred); means
+    over windows and space, latitude-weighted if gridded. ``climatology`` broadcasts against the
+    forecast (e.g. the training period's time mean, with the state's dims).
+    """
+    f = fc.astype("float64") - climatology
+    t = truth.astype("float64") - climatology
+    return _mean(f * t, keep) / np.sqrt(_mean(f**2, keep) * _mean(t**2, keep))
