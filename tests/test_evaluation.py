@@ -60,3 +60,17 @@ def test_station_series_are_unweighted():
     b = a + xr.DataArray([0.0, 0.0, 0.0, 2.0], dims="station")
     np.testing.assert_allclose(rmse(a, b, keep=()).values, [1.0, 1.0, 1.0])
     assert rmse(a, b, keep=("station",)).sel(station=3).values.tolist() == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_compare_plans_float_row_is_zero_and_model_untouched(mlp, x0):
+    import tqslite
+    scores = tqslite.probe(mlp, x0, horizon=5, progress=False)
+    plans = {"tqs": tqslite.allocate(scores, mlp, budget_bits=4.5), "rtn4": tqslite.uniform_plan(scores, mlp, 4)}
+    before = {n: p.clone() for n, p in mlp.state_dict().items()}
+    truth = tqslite.evaluation.forecast(mlp, x0, 5) + 0.1
+    res = tqslite.evaluation.compare_plans(mlp, plans, x0, 5, truth=truth, keep=())
+    assert res["method"].values.tolist() == ["float", "tqs", "rtn4"]
+    assert float(res["rmse_vs_float"].sel(method="float").max()) == 0
+    np.testing.assert_allclose(res["rmse_vs_truth"].sel(method="float"), 0.1, rtol=1e-6)
+    assert (res["rmse_vs_float"].sel(method="rtn4") > 0).all()
+    assert all(torch.equal(p, before[n]) for n, p in mlp.state_dict().items())

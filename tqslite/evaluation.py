@@ -81,3 +81,42 @@ def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=("variable",)) 
     f = fc.astype("float64") - climatology
     t = truth.astype("float64") - climatology
     return _mean(f * t, keep) / np.sqrt(_mean(f**2, keep) * _mean(t**2, keep))
+
+
+def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None = None,
+                  keep=("variable",), batch_size: int | None = None) -> xr.Dataset:
+    """Roll out the float model and a quantized copy per plan; errors per lead, side by side.
+
+    Parameters
+    ----------
+    model : nn.Module or system
+        The float model (left untouched: each plan is applied to a copy).
+    plans : dict of str to Plan
+        ``{method name: plan}``, e.g. a TQS plan and uniform RTN at the same size.
+    x0 : DataArray or Tensor, ``(window, *S)``
+        Initial states.
+    steps : int
+        Leads 1..steps.
+    truth : DataArray, optional
+        The verifying states, dims ``(window, lead, *S)`` like the forecasts.
+    keep : tuple of str
+        Dims kept in the scores (``variable`` for gridded states, ``station`` for series).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dim ``method`` (``"float"`` first, then the plans): ``rmse_vs_float(method, lead, ...)``
+        (the error quantization adds), ``rmse_vs_truth`` when ``truth`` is given,
+        ``bits_per_param(method)`` (32 for float) and ``predicted_error(method)``.
+    """
+    from .allocation import apply_plan
+
+    ref = forecast(model, x0, steps, batch_size)
+    fcs = {"float": ref, **{name: forecast(apply_plan(model, p), x0, steps, batch_size) for name, p in plans.items()}}
+    method = xr.DataArray(list(fcs), dims="method", name="method")
+    out = xr.Dataset({"rmse_vs_float": xr.concat([rmse(fc, ref, keep) for fc in fcs.values()], method)})
+    if truth is not None:
+        out["rmse_vs_truth"] = xr.concat([rmse(fc, truth, keep) for fc in fcs.values()], method)
+    out["bits_per_param"] = ("method", [32.0] + [p.bits_per_param for p in plans.values()])
+    out["predicted_error"] = ("method", [0.0] + [p.predicted_error for p in plans.values()])
+    return out
