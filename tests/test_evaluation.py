@@ -69,8 +69,8 @@ def test_compare_plans_float_row_is_zero_and_model_untouched(mlp, x0):
     before = {n: p.clone() for n, p in mlp.state_dict().items()}
     truth = tqslite.evaluation.forecast(mlp, x0, 5) + 0.1
     res = tqslite.evaluation.compare_plans(mlp, plans, x0, 5, truth=truth, keep=())
-    assert res["method"].values.tolist() == ["float", "tqs", "rtn4"]
-    assert float(res["rmse_vs_float"].sel(method="float").max()) == 0
-    np.testing.assert_allclose(res["rmse_vs_truth"].sel(method="float"), 0.1, rtol=1e-6)
-    assert (res["rmse_vs_float"].sel(method="rtn4") > 0).all()
+    assert res["plan"].values.tolist() == ["float", "tqs", "rtn4"]
+    assert float(res["rmse_vs_float"].sel(plan="float").max()) == 0
+    np.testing.assert_allclose(res["rmse_vs_truth"].sel(plan="float"), 0.1, rtol=1e-6)
+    assert (res["rmse_vs_float"].sel(plan="rtn4") > 0).all()
     assert all(torch.equal(p, before[n]) for n, p in mlp.state_dict().items())

@@ -92,7 +92,7 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
     model : nn.Module or system
         The float model (left untouched: each plan is applied to a copy).
     plans : dict of str to Plan
-        ``{method name: plan}``, e.g. a TQS plan and uniform RTN at the same size.
+        ``{name: plan}``, e.g. a TQS plan and uniform RTN at the same size.
     x0 : DataArray or Tensor, ``(window, *S)``
         Initial states.
     steps : int
@@ -105,18 +105,18 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
     Returns
     -------
     xarray.Dataset
-        Dim ``method`` (``"float"`` first, then the plans): ``rmse_vs_float(method, lead, ...)``
+        Dim ``plan`` (``"float"`` first, then the plans): ``rmse_vs_float(plan, lead, ...)``
         (the error quantization adds), ``rmse_vs_truth`` when ``truth`` is given,
-        ``bits_per_param(method)`` (32 for float) and ``predicted_error(method)``.
+        ``bits_per_param(plan)`` (32 for float) and ``predicted_error(plan)``.
     """
     from .allocation import apply_plan
 
     ref = forecast(model, x0, steps, batch_size)
     fcs = {"float": ref, **{name: forecast(apply_plan(model, p), x0, steps, batch_size) for name, p in plans.items()}}
-    method = xr.DataArray(list(fcs), dims="method", name="method")
-    out = xr.Dataset({"rmse_vs_float": xr.concat([rmse(fc, ref, keep) for fc in fcs.values()], method)})
+    names = xr.DataArray(list(fcs), dims="plan", name="plan")
+    out = xr.Dataset({"rmse_vs_float": xr.concat([rmse(fc, ref, keep) for fc in fcs.values()], names)})
     if truth is not None:
-        out["rmse_vs_truth"] = xr.concat([rmse(fc, truth, keep) for fc in fcs.values()], method)
-    out["bits_per_param"] = ("method", [32.0] + [p.bits_per_param for p in plans.values()])
-    out["predicted_error"] = ("method", [0.0] + [p.predicted_error for p in plans.values()])
+        out["rmse_vs_truth"] = xr.concat([rmse(fc, truth, keep) for fc in fcs.values()], names)
+    out["bits_per_param"] = ("plan", [32.0] + [p.bits_per_param for p in plans.values()])
+    out["predicted_error"] = ("plan", [0.0] + [p.predicted_error for p in plans.values()])
     return out
