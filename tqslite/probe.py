@@ -19,6 +19,7 @@ knows nothing of any quantizer). Rollouts run in the model's dtype; ``d``, ``Lam
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -101,6 +102,7 @@ def probe(
     dead_threshold: float | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    executor=None,
 ) -> xr.Dataset:
     """Score every unit of ``model`` by how fast its perturbation makes the rollout diverge.
 
@@ -135,6 +137,11 @@ def probe(
         Windows per forward call (default: all ``N`` at once).
     progress : bool
         Show a tqdm progress bar over units.
+    executor : concurrent.futures.Executor, optional
+        Score the units in parallel: any executor with ``submit`` (a process pool, or a dask
+        cluster's ``client.get_executor()``). Each task works on its own copy of the system;
+        the unperturbed rollout is computed once here and sent with every task. Scores are
+        identical to the serial run.
 
     Returns
     -------
@@ -167,36 +174,25 @@ def probe(
             check_finite(system.get_parameter(p), f"parameter {p!r}")
     x0 = _as_states(x0, system.dtype)
     n_win = x0.shape[0]
+    settings = dict(kind=kind, bits=bits, sigma_rel=sigma_rel, seed=seed, quant_granularity=quant_granularity,
+                    group_size=group_size, symmetric=symmetric)
     batch_size = batch_size or n_win
-    batches = [slice(i, i + batch_size) for i in range(0, n_win, batch_size)]
 
     with system.evaluating():
-        # The unperturbed rollout, computed once: ref[t] is the state at lead t + 1.
-        ref = torch.empty((horizon, *x0.shape), dtype=x0.dtype)
-        for sl in batches:
-            x = x0[sl]
-            for t in range(horizon):
-                x = system.step(x)
-                ref[t, sl] = x
+        ref = _rollout(system, x0, horizon, batch_size)  # the unperturbed rollout, computed once
         if not torch.isfinite(ref).all():
             bad = int(torch.nonzero(~torch.isfinite(ref.flatten(1)).all(1))[0]) + 1
             raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
                              "or initial states inside the model's range.")
-
-        eps = np.zeros(len(unit_list))
-        div = np.zeros((len(unit_list), n_win, horizon))
-        for i, unit in enumerate(tqdm(unit_list, desc=f"TQS probe ({kind})", disable=not progress)):
-            perturbed, eps[i] = perturbation(system, unit, kind, bits, sigma_rel, seed, quant_granularity,
-                                             group_size, symmetric)
-            if eps[i] == 0:
-                continue  # nothing to perturb: a dead unit, no rollout needed
-            with swapped(system, perturbed):
-                for sl in batches:
-                    x, states = x0[sl], torch.empty_like(ref[:, sl])
-                    for t in range(horizon):
-                        x = states[t] = system.step(x)
-                    div[i, sl] = _rms_divergence(states, ref[:, sl])
-            div[i][np.logical_or.accumulate(np.isinf(div[i]), axis=1)] = np.inf  # once blown up, stays so
+        bar = dict(desc=f"TQS probe ({kind})", total=len(unit_list), disable=not progress)
+        if executor is None:
+            results = [score_unit(system, u, x0, ref, batch_size, settings) for u in tqdm(unit_list, **bar)]
+        else:
+            futures = [executor.submit(_score_unit_on_copy, system, u, x0, ref, batch_size, settings)
+                       for u in unit_list]
+            results = [f.result() for f in tqdm(futures, **bar)]
+    eps = np.array([e for e, _ in results])
+    div = np.stack([d for _, d in results])
     return _assemble(unit_list, system, eps, div, dead_threshold, dict(
         kind=kind, granularity="custom" if units is not None else granularity, horizon=horizon,
         bits=bits if kind == "quant" else "none", sigma_rel=sigma_rel if kind == "gauss" else "none",
@@ -206,6 +202,41 @@ def probe(
         include=",".join(include or []) or "none", exclude=",".join(exclude or []) or "none",
         system=type(system).__name__ if not hasattr(system, "module") else type(system.module).__name__,
     ))
+
+
+def _rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
+    """States at leads 1..horizon from ``x0`` ``(N, *S)``, in batches of windows: ``(T, N, *S)``."""
+    out = torch.empty((horizon, *x0.shape), dtype=x0.dtype)
+    for i in range(0, len(x0), batch_size):
+        x = x0[i:i + batch_size]
+        for t in range(horizon):
+            x = out[t, i:i + batch_size] = system.step(x)
+    return out
+
+
+def score_unit(system, unit: Unit, x0: torch.Tensor, ref: torch.Tensor, batch_size: int,
+               settings: dict) -> tuple[float, np.ndarray]:
+    """The probe's work for one unit: ``(eps_u, divergence (window, lead))``.
+
+    Perturbs the unit (``settings``: the keyword arguments of :func:`perturbation`), rolls out
+    from ``x0``, compares with the unperturbed rollout ``ref`` ``(T, N, *S)`` and restores the
+    weights exactly. Once a window's rollout is non-finite its divergence stays ``+inf``.
+    """
+    perturbed, eps = perturbation(system, unit, **settings)
+    div = np.zeros((x0.shape[0], ref.shape[0]))
+    if eps == 0:
+        return eps, div  # nothing to perturb: a dead unit, no rollout needed
+    with swapped(system, perturbed):
+        div[:] = _rms_divergence(_rollout(system, x0, ref.shape[0], batch_size), ref)
+    div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
+    return eps, div
+
+
+def _score_unit_on_copy(system, unit, x0, ref, batch_size, settings):
+    """:func:`score_unit` on a private copy of the system, for executors (threads would share it)."""
+    system = copy.deepcopy(system)
+    with system.evaluating():
+        return score_unit(system, unit, x0, ref, batch_size, settings)
 
 
 def curves_from_divergence(div: np.ndarray, eps: np.ndarray) -> np.ndarray:
