@@ -1,0 +1,82 @@
+"""Baselines: GPTQ against RTN on a single layer, and on a small model."""
+
+import pytest
+import torch
+from torch import nn
+
+import tqslite
+from tqslite.baselines import gptq_layer, gptq_quantize
+from tqslite.quantization import rtn_scales
+
+
+def correlated_inputs(n_in=64, n=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n_in, n_in, generator=g, dtype=torch.float64) / n_in**0.5
+    scales = torch.logspace(0, -2, n_in, dtype=torch.float64)
+    return mix @ (scales[:, None] * torch.randn(n_in, n, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size,act_order", [(None, False), (None, True), (16, False), (16, True)])
+def test_gptq_has_lower_output_error_than_rtn_on_its_calibration_inputs(bits, group_size, act_order):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    X = correlated_inputs()
+    q = gptq_layer(w, X, bits, group_size=group_size, act_order=act_order)
+    gran = "group" if group_size else "channel"
+    r = tqslite.rtn_quantize(w, bits, gran, group_size=group_size)
+    err_gptq = ((w - q) @ X).norm()
+    err_rtn = ((w - r) @ X).norm()
+    assert err_gptq < 0.8 * err_rtn, (float(err_gptq), float(err_rtn))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_weights_lie_on_the_rtn_grid(bits):
+    # per channel, GPTQ keeps RTN's scales (from the original weights): every value is a code times its scale
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    q = gptq_layer(w, correlated_inputs(32, 512), bits)
+    scale = rtn_scales(w, bits).double()[:, None]
+    codes = q / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-6)
+    assert codes.abs().max() <= 2 ** (bits - 1) - 1
+
+
+def test_gptq_quantize_copies_and_beats_rtn_on_a_small_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16)).double()
+    calib = torch.randn(256, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = gptq_quantize(model, calib, bits=3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        ref = model(calib)
+        err_gptq = (q(calib) - ref).norm()
+        rtn = tqslite.apply_plan(model, tqslite.uniform_plan(tqslite.probe(model, calib[:4], horizon=1, progress=False),
+                                                             model, 3))
+        err_rtn = (rtn(calib) - ref).norm()
+    assert err_gptq < err_rtn
+    # biases were quantized too (RTN at the same bits): nothing left in float
+    assert torch.equal(q[0].bias, tqslite.rtn_quantize(model[0].bias, 3))
+
+
+def test_gptq_errors():
+    with pytest.raises(ValueError, match="does not divide"):
+        gptq_layer(torch.randn(4, 10), torch.randn(10, 50), 4, group_size=3)
+    with pytest.raises(ValueError, match="features"):
+        gptq_layer(torch.randn(4, 10), torch.randn(9, 50), 4)
+
+
+@pytest.mark.parametrize("conv", ["1d", "2d"])
+def test_gptq_on_convolutions_uses_their_unfolded_inputs(conv):
+    torch.manual_seed(3)
+    layer = (nn.Conv1d(4, 8, 3, padding=1) if conv == "1d" else nn.Conv2d(4, 8, 3, padding=1, stride=2)).double()
+    x = torch.randn(32, 4, 12, dtype=torch.float64) if conv == "1d" else torch.randn(16, 4, 10, 10, dtype=torch.float64)
+    x = x + 0.8 * x.roll(1, dims=1)  # correlated channels
+    q = gptq_quantize(layer, x, bits=3)
+    with torch.no_grad():
+        ref = layer(x)
+        w_rtn = tqslite.rtn_quantize(layer.weight, 3)
+        b_rtn = tqslite.rtn_quantize(layer.bias, 3)
+        f = nn.functional.conv1d if conv == "1d" else nn.functional.conv2d
+        out_rtn = f(x, w_rtn, b_rtn, stride=layer.stride, padding=layer.padding)
+        assert (q(x) - ref).norm() < (out_rtn - ref).norm()
