@@ -182,3 +182,14 @@ def test_non_finite_weights_are_named():
     w[3, 3] = float("nan")
     with pytest.raises(ValueError, match="layer.weight contains 1 non-finite"):
         check_finite(w, "layer.weight")
+
+
+def test_tiny_weights_warn_that_float16_scales_are_too_coarse():
+    w = weights((4, 8)) * 1e-7
+    with pytest.warns(UserWarning, match="Keep such tiny weights at 16 or 32 bits"):
+        rtn_quantize(w, 8)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rtn_quantize(weights((4, 8)) * 1e-2, 8)  # ordinary small weights: no warning
+        rtn_quantize(torch.zeros(3, 3), 4)  # all-zero slices keep scale 1: no warning

@@ -14,7 +14,7 @@ The pieces, one module per job:
 """
 
 from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, solve_mckp, uniform_plan
-from .dynamics import finite_time_lyapunov, lyapunov_spectrum
+from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .probe import gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
 from .stats import bootstrap_gamma, spearman, spearman_agreement
@@ -24,7 +24,7 @@ from .units import Unit, make_units
 __version__ = "0.1.0"
 
 __all__ = [
-    "InfeasibleBudget", "Plan", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
+    "InfeasibleBudget", "Plan", "jacobians", "trajectory", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
     "allocate", "apply_plan", "as_system", "bootstrap_gamma", "cost_table", "finite_time_lyapunov", "gamma_at",
     "lyapunov_spectrum", "make_units", "pareto", "probe", "relative_error", "rollout", "rtn_quantize",
     "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "uniform_plan",

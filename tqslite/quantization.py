@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,8 @@ import torch
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 GRANULARITIES = ("tensor", "channel", "group")
 _FP16_MAX = 65504.0
+#: Below this a float16 scale is a subnormal with fewer than 5 significant bits (error >= 3 %).
+_FP16_COARSE = 2.0**-20
 
 
 def check_bits(bits, symmetric: bool = True) -> int:
@@ -134,6 +137,9 @@ def _quantize_rows(rows: torch.Tensor, bits: int, symmetric: bool):
         codes = torch.clamp(torch.round(rows / scale) + zero, 0, qmax)
     if not torch.all(scale <= _FP16_MAX):
         raise ValueError(f"weights up to {float(rows.abs().max()):.3g} need a scale beyond float16's range at {bits} bits.")
+    if torch.any((scale < _FP16_COARSE) & (scale != 1)):
+        warnings.warn(f"some {bits}-bit scales fall below {_FP16_COARSE:.1e}, where float16 keeps too few significant "
+                      "bits: the grid is coarser than intended. Keep such tiny weights at 16 or 32 bits.", stacklevel=3)
     return codes.to(torch.int32), scale, zero
 
 

@@ -124,7 +124,8 @@ def swapped(system, values: dict):
 
 
 def rollout(system, x0: torch.Tensor, steps: int) -> torch.Tensor:
-    """Roll ``system`` out from ``x0`` ``(B, *S)``: returns ``(steps, B, *S)``, states at t = 1..steps."""
+    """Roll ``system`` (or an ``nn.Module``) out from ``x0`` ``(B, *S)``: ``(steps, B, *S)``, t = 1..steps."""
+    system = as_system(system)
     out, x = [], x0
     for _ in range(steps):
         x = system.step(x)
