@@ -218,3 +218,18 @@ def test_uniform_plan_is_every_unit_at_one_width(mlp, scored):
     mixed = allocate(scored, mlp, budget_bits=plan.bits_per_param)
     assert mixed.bits_per_param <= plan.bits_per_param
     assert mixed.predicted_error <= plan.predicted_error  # the optimum is never worse at the same size
+
+
+def test_a_cost_table_fixes_its_settings(mlp, scored):
+    table = cost_table(scored, mlp, options=(2, 4, 8))
+    assert set(allocate(table, budget_bits=5).values()) <= {2, 4, 8}
+    with pytest.raises(ValueError, match="cost table passed in fixes them"):
+        allocate(table, budget_bits=5, options=(4,))
+    with pytest.raises(ValueError, match="objective"):
+        pareto(table, budgets=[4, 5], objective="quadratic")
+
+
+def test_pareto_saves_to_netcdf_and_reports_both_predictions(mlp, scored, tmp_path):
+    front = pareto(scored, mlp, budgets=[4, 6], fp_budget=None)
+    front.to_netcdf(tmp_path / "front.nc")
+    assert np.all(front["predicted_rss"] <= front["predicted_error"] + 1e-15)  # ||e||_2 <= ||e||_1

@@ -51,3 +51,11 @@ def test_spearman_agreement_between_gauss_and_quant(mlp, x0):
     assert by_units["resampled"] == "units" and by_units["rho"] == pytest.approx(out["rho"])
     with pytest.raises(ValueError, match="need at least 3"):
         spearman_agreement(g.isel(unit=[0, 1]), q, n_boot=10)
+
+
+def test_bootstrap_of_a_window_subset_uses_the_subset(mlp, x0):
+    s = probe(mlp, x0, horizon=6, progress=False)
+    sub = s.isel(window=slice(0, 5))
+    ci = bootstrap_gamma(sub, n_boot=50)
+    lam = np.log(sub["divergence"].values[:, :, -1] / sub["eps"].values[:, None]).mean(1)
+    np.testing.assert_allclose(ci["gamma"], lam / 6)

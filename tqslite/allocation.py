@@ -300,7 +300,8 @@ class Plan(Mapping):
     ``members`` gives each unit's parameter names; ``settings`` the RTN settings (granularity,
     group size, symmetric) and how the plan was made. ``size_bits`` counts every stored bit,
     scales included; ``predicted_error`` is the linear-response prediction of the rollout RMS
-    error at the probe's lead, ``sum_u eps_u(b_u) exp(Lambda_u(T))``.
+    error at the probe's lead, ``sum_u eps_u(b_u) exp(Lambda_u(T))`` (errors that add up), and
+    ``predicted_rss`` the same terms added in quadrature (independent errors).
     """
 
     bits: dict
@@ -309,6 +310,7 @@ class Plan(Mapping):
     size_bits: int
     predicted_error: float
     objective_value: float
+    predicted_rss: float = float("nan")
     settings: dict = field(default_factory=dict)
 
     def __getitem__(self, unit):
@@ -329,7 +331,8 @@ class Plan(Mapping):
         return json.dumps({"bits": self.bits, "members": {u: list(m) for u, m in self.members.items()},
                            "n_params": self.n_params, "size_bits": self.size_bits,
                            "bits_per_param": self.bits_per_param, "predicted_error": self.predicted_error,
-                           "objective_value": self.objective_value, "settings": self.settings}, indent=1)
+                           "objective_value": self.objective_value, "predicted_rss": self.predicted_rss,
+                           "settings": self.settings}, indent=1)
 
     def save(self, path) -> Path:
         """Write the plan as JSON (atomically: a failed write leaves any older file intact)."""
@@ -346,7 +349,8 @@ class Plan(Mapping):
             return cls(bits={u: int(b) for u, b in d["bits"].items()},
                        members={u: tuple(m) for u, m in d["members"].items()}, n_params=d["n_params"],
                        size_bits=int(d["size_bits"]), predicted_error=float(d["predicted_error"]),
-                       objective_value=float(d["objective_value"]), settings=d.get("settings", {}))
+                       objective_value=float(d["objective_value"]),
+                       predicted_rss=float(d.get("predicted_rss", "nan")), settings=d.get("settings", {}))
         except KeyError as e:
             raise ValueError(f"{path} is not a tqslite plan: it lacks {e}.") from None
 
@@ -385,9 +389,23 @@ def _merge_tied(table: xr.Dataset, tied):
     return fold(table["cost"].values), fold(table["size"].values), fold(fp), allowed, groups
 
 
-def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_bytes=None,
-             options=DEFAULT_OPTIONS, solver="milp", objective="linear", bottom=None, fp_budget=None,
-             tied=None, granularity="channel", group_size=None, symmetric=True, lead=None) -> Plan:
+TABLE_SETTINGS = ("options", "objective", "granularity", "group_size", "symmetric", "lead", "bottom")
+
+
+def _table(scores, model, settings: dict) -> xr.Dataset:
+    """``scores`` itself if it is a cost table (then no table setting may be given), else a new one."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "cost" in scores:
+        if given:
+            raise ValueError(f"{sorted(given)} cannot be changed here: the cost table passed in fixes them. "
+                             "Build a new table with cost_table(...), or pass the probe scores and the model.")
+        return scores
+    return cost_table(scores, _need(model), **given)
+
+
+def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_bytes=None, options=None,
+             solver="milp", objective=None, bottom=None, fp_budget=None, tied=None, granularity=None,
+             group_size=None, symmetric=None, lead=None) -> Plan:
     """Choose a bit width per unit under a size budget.
 
     Parameters
@@ -400,7 +418,8 @@ def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_b
         Exactly one: average stored bits per parameter (scales included), a compression ratio
         against float32, or a total in bytes.
     options, objective, bottom, granularity, group_size, symmetric, lead
-        See :func:`cost_table`.
+        See :func:`cost_table` (its defaults apply). Only with probe scores: a cost table
+        already fixes them, and giving them anyway is an error rather than silently ignored.
     solver : {"milp", "greedy"}
         See :func:`solve_mckp`.
     fp_budget : float, optional
@@ -412,8 +431,8 @@ def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_b
     -------
     Plan
     """
-    table = scores if "cost" in scores else cost_table(
-        scores, _need(model), options, objective, granularity, group_size, symmetric, lead, bottom)
+    table = _table(scores, model, dict(options=options, objective=objective, granularity=granularity,
+                                       group_size=group_size, symmetric=symmetric, lead=lead, bottom=bottom))
     n_total = int(table["n_params"].sum())
     budget = _budget_bits(n_total, budget_bits, compression, budget_bytes)
     costs, sizes, fp, allowed, groups = _merge_tied(table, tied)
@@ -423,7 +442,8 @@ def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_b
     except InfeasibleBudget as e:
         raise InfeasibleBudget(
             f"a budget of {budget / n_total:.4g} bits per parameter ({budget / 8:.0f} bytes) is infeasible with "
-            f"options {tuple(table['bits'].values.tolist())} and bottom={bottom}: the smallest feasible budget is "
+            f"options {tuple(table['bits'].values.tolist())} and bottom={table.attrs['bottom']}: the smallest "
+            "feasible budget is "
             f"{e.smallest / n_total:.4g} bits per parameter ({math.ceil(e.smallest / 8)} bytes, compression "
             f"{32 * n_total / e.smallest:.3g}x).", e.smallest / n_total) from None
     rows = np.empty(table.sizes["unit"], int)
@@ -449,6 +469,7 @@ def _plan(table: xr.Dataset, rows: np.ndarray, settings: dict) -> Plan:
         size_bits=int(table["size"].values[idx, rows].sum()),
         predicted_error=float(table["predicted"].values[idx, rows].sum()),
         objective_value=float(table["cost"].values[idx, rows].sum()),
+        predicted_rss=float(np.sqrt((table["predicted"].values[idx, rows] ** 2).sum())),
         settings={**{k: (v.item() if hasattr(v, "item") else v) for k, v in table.attrs.items()}, **settings},
     )
 
@@ -478,9 +499,7 @@ def pareto(scores, model=None, budgets=None, **kwargs) -> xr.Dataset:
     ``bits_per_param``, ``size_bits``, ``predicted_error``, ``objective_value`` and
     ``solve_seconds`` per budget.
     """
-    table_keys = ("options", "objective", "granularity", "group_size", "symmetric", "lead", "bottom")
-    table = scores if "cost" in scores else cost_table(
-        scores, _need(model), **{k: kwargs.pop(k) for k in table_keys if k in kwargs})
+    table = _table(scores, model, {k: kwargs.pop(k, None) for k in TABLE_SETTINGS})
     if budgets is None:
         n_total = float(table["n_params"].sum())
         allowed, size = table["allowed"].values, table["size"].values
@@ -500,10 +519,12 @@ def pareto(scores, model=None, budgets=None, **kwargs) -> xr.Dataset:
             "size_bits": ("budget", [p.size_bits for p in plans]),
             "predicted_error": ("budget", [p.predicted_error for p in plans]),
             "objective_value": ("budget", [p.objective_value for p in plans]),
+            "predicted_rss": ("budget", [p.predicted_rss for p in plans]),
             "solve_seconds": ("budget", seconds),
         },
         coords={"budget": np.asarray(budgets, float), "unit": table["unit"].values},
-        attrs={k: v for k, v in plans[0].settings.items() if k not in ("budget_bits", "tied", "options")},
+        attrs={k: "none" if v is None else v for k, v in plans[0].settings.items()
+               if k not in ("budget_bits", "tied", "options")},
     )
 
 

@@ -29,16 +29,18 @@ def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, se
     """Percentile bootstrap interval of ``gamma_u(T)`` over windows.
 
     Returns a Dataset with ``gamma``, ``gamma_lo`` and ``gamma_hi`` (dim ``unit``) and the
-    settings in ``attrs``.
+    settings in ``attrs``. ``gamma`` is recomputed from the divergence of the windows present,
+    so a subset (``scores.isel(window=...)``) gets its own estimate, not the full sample's.
     """
     n = scores.sizes["window"]
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     boot = _resampled_gamma(scores, idx)
+    gamma = _resampled_gamma(scores, np.arange(n)[None, :])[0]  # from the windows present (after any isel)
     alpha = (1 - ci) / 2
     with np.errstate(invalid="ignore"):
         lo, hi = np.quantile(boot, [alpha, 1 - alpha], axis=0)
     return xr.Dataset(
-        {"gamma": scores["gamma"], "gamma_lo": ("unit", lo), "gamma_hi": ("unit", hi)},
+        {"gamma": ("unit", gamma), "gamma_lo": ("unit", lo), "gamma_hi": ("unit", hi)},
         attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "resampled": "windows"},
     )
 
