@@ -6,6 +6,8 @@ The pieces, one module per job:
 * :mod:`tqslite.units` -- the tensors and blocks that get one bit width each;
 * :mod:`tqslite.systems` -- models as state-to-state maps, Lorenz-63 and Lorenz-96;
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
+* :mod:`tqslite.activations` -- static, dynamic and probabilistic activation quantization, and
+  the probe for activation noise;
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;
 * :mod:`tqslite.allocation` -- cost tables, the knapsack solvers, plans, Pareto fronts;
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
@@ -13,6 +15,7 @@ The pieces, one module per job:
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems.
 """
 
+from .activations import calibrate, probe_activations, quantized_activations
 from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, solve_mckp, uniform_plan
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .probe import gamma_at, probe
@@ -24,7 +27,8 @@ from .units import Unit, make_units
 __version__ = "0.1.0"
 
 __all__ = [
-    "InfeasibleBudget", "Plan", "jacobians", "trajectory", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
+    "InfeasibleBudget", "Plan", "jacobians", "trajectory", "calibrate", "probe_activations",
+    "quantized_activations", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
     "allocate", "apply_plan", "as_system", "bootstrap_gamma", "cost_table", "finite_time_lyapunov", "gamma_at",
     "lyapunov_spectrum", "make_units", "pareto", "probe", "relative_error", "rollout", "rtn_quantize",
     "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "uniform_plan",

@@ -67,7 +67,8 @@ def perturbation(system, unit: Unit, kind: str, bits: int = 4, sigma_rel: float 
     return perturbed, (math.sqrt(num / den) if den > 0 else 0.0)
 
 
-def _as_states(x0, dtype) -> torch.Tensor:
+def as_states(x0, dtype) -> torch.Tensor:
+    """Initial states as a tensor ``(N, *S)`` of ``dtype``; ``ValueError`` if not a finite batch."""
     if isinstance(x0, xr.DataArray):
         x0 = x0.values
     x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype)
@@ -172,18 +173,14 @@ def probe(
     for u in unit_list:
         for p in u.params:
             check_finite(system.get_parameter(p), f"parameter {p!r}")
-    x0 = _as_states(x0, system.dtype)
+    x0 = as_states(x0, system.dtype)
     n_win = x0.shape[0]
     settings = dict(kind=kind, bits=bits, sigma_rel=sigma_rel, seed=seed, quant_granularity=quant_granularity,
                     group_size=group_size, symmetric=symmetric)
     batch_size = batch_size or n_win
 
     with system.evaluating():
-        ref = _rollout(system, x0, horizon, batch_size)  # the unperturbed rollout, computed once
-        if not torch.isfinite(ref).all():
-            bad = int(torch.nonzero(~torch.isfinite(ref.flatten(1)).all(1))[0]) + 1
-            raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
-                             "or initial states inside the model's range.")
+        ref = reference_rollout(system, x0, horizon, batch_size)  # computed once, reused for every unit
         bar = dict(desc=f"TQS probe ({kind})", total=len(unit_list), disable=not progress)
         if executor is None:
             results = [score_unit(system, u, x0, ref, batch_size, settings) for u in tqdm(unit_list, **bar)]
@@ -193,7 +190,7 @@ def probe(
             results = [f.result() for f in tqdm(futures, **bar)]
     eps = np.array([e for e, _ in results])
     div = np.stack([d for _, d in results])
-    return _assemble(unit_list, system, eps, div, dead_threshold, dict(
+    return assemble_scores(unit_list, system, eps, div, dead_threshold, dict(
         kind=kind, granularity="custom" if units is not None else granularity, horizon=horizon,
         bits=bits if kind == "quant" else "none", sigma_rel=sigma_rel if kind == "gauss" else "none",
         seed=seed, depth=depth, quant_granularity=quant_granularity, group_size=group_size or "none",
@@ -214,6 +211,23 @@ def _rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.T
     return out
 
 
+def reference_rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
+    """The unperturbed rollout ``(T, N, *S)``; ``ValueError`` naming the lead where it turns non-finite."""
+    ref = _rollout(system, x0, horizon, batch_size)
+    if not torch.isfinite(ref).all():
+        bad = int(torch.nonzero(~torch.isfinite(ref.flatten(1)).all(1))[0]) + 1
+        raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
+                         "or initial states inside the model's range.")
+    return ref
+
+
+def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int) -> np.ndarray:
+    """RMS divergence ``(window, lead)`` of the system's rollout from ``ref``; once non-finite, ``+inf``."""
+    div = _rms_divergence(_rollout(system, x0, ref.shape[0], batch_size), ref)
+    div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
+    return div
+
+
 def score_unit(system, unit: Unit, x0: torch.Tensor, ref: torch.Tensor, batch_size: int,
                settings: dict) -> tuple[float, np.ndarray]:
     """The probe's work for one unit: ``(eps_u, divergence (window, lead))``.
@@ -223,13 +237,10 @@ def score_unit(system, unit: Unit, x0: torch.Tensor, ref: torch.Tensor, batch_si
     weights exactly. Once a window's rollout is non-finite its divergence stays ``+inf``.
     """
     perturbed, eps = perturbation(system, unit, **settings)
-    div = np.zeros((x0.shape[0], ref.shape[0]))
     if eps == 0:
-        return eps, div  # nothing to perturb: a dead unit, no rollout needed
+        return eps, np.zeros((x0.shape[0], ref.shape[0]))  # nothing to perturb: dead, no rollout needed
     with swapped(system, perturbed):
-        div[:] = _rms_divergence(_rollout(system, x0, ref.shape[0], batch_size), ref)
-    div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
-    return eps, div
+        return eps, rollout_divergence(system, x0, ref, batch_size)
 
 
 def _score_unit_on_copy(system, unit, x0, ref, batch_size, settings):
@@ -246,7 +257,8 @@ def curves_from_divergence(div: np.ndarray, eps: np.ndarray) -> np.ndarray:
     return logd.mean(axis=1)
 
 
-def _assemble(units, system, eps, div, dead_threshold, attrs) -> xr.Dataset:
+def assemble_scores(units, system, eps, div, dead_threshold, attrs) -> xr.Dataset:
+    """The probe's result Dataset from per-unit ``eps`` ``(unit,)`` and divergence ``(unit, window, lead)``."""
     horizon = div.shape[2]
     curve = curves_from_divergence(div, eps)
     nonfinite = np.isinf(div).any(axis=(1, 2))

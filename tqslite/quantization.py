@@ -40,7 +40,7 @@ import torch
 #: Bit widths accepted anywhere in tqslite: integer RTN at 1-8 bits, float16, float32.
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 GRANULARITIES = ("tensor", "channel", "group")
-_FP16_MAX = 65504.0
+FP16_MAX = 65504.0
 #: Below this a float16 scale is a subnormal with fewer than 5 significant bits (error >= 3 %).
 _FP16_COARSE = 2.0**-20
 
@@ -105,7 +105,7 @@ def n_slices(shape, granularity: str = "channel", axis: int = 0, group_size: int
     return _to_rows(torch.empty(tuple(shape), device="meta"), granularity, axis, group_size).shape[0]
 
 
-def _fp16_ceil(x: torch.Tensor) -> torch.Tensor:
+def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     """Round positive float32 values up to the next float16 number (returned as float32)."""
     h = x.to(torch.float16).to(torch.float32)
     up = torch.nextafter(x.to(torch.float16), torch.tensor(float("inf"), dtype=torch.float16)).to(torch.float32)
@@ -125,17 +125,17 @@ def _quantize_rows(rows: torch.Tensor, bits: int, symmetric: bool):
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = rows.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(amax > 0, _fp16_ceil(amax / qmax), torch.ones_like(amax))
+        scale = torch.where(amax > 0, fp16_ceil(amax / qmax), torch.ones_like(amax))
         zero = torch.zeros_like(scale)
         codes = torch.clamp(torch.round(rows / scale), -qmax, qmax)
     else:
         qmax = 2**bits - 1
         lo = rows.amin(dim=1, keepdim=True).clamp(max=0)
         hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
-        scale = torch.where(hi > lo, _fp16_ceil((hi - lo) / qmax), torch.ones_like(hi))
+        scale = torch.where(hi > lo, fp16_ceil((hi - lo) / qmax), torch.ones_like(hi))
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
         codes = torch.clamp(torch.round(rows / scale) + zero, 0, qmax)
-    if not torch.all(scale <= _FP16_MAX):
+    if not torch.all(scale <= FP16_MAX):
         raise ValueError(f"weights up to {float(rows.abs().max()):.3g} need a scale beyond float16's range at {bits} bits.")
     if torch.any((scale < _FP16_COARSE) & (scale != 1)):
         warnings.warn(f"some {bits}-bit scales fall below {_FP16_COARSE:.1e}, where float16 keeps too few significant "
