@@ -84,7 +84,7 @@ def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=("variable",)) 
 
 
 def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None = None,
-                  keep=("variable",), batch_size: int | None = None) -> xr.Dataset:
+                  keep=("variable",), batch_size: int | None = None, view=None) -> xr.Dataset:
     """Roll out the float model and a quantized copy per plan; errors per lead, side by side.
 
     Parameters
@@ -101,6 +101,9 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
         The verifying states, dims ``(window, lead, *S)`` like the forecasts.
     keep : tuple of str
         Dims kept in the scores (``variable`` for gridded states, ``station`` for series).
+    view : callable, optional
+        Applied to every forecast and to the truth before scoring, e.g. for a context-window
+        state ``lambda da: da.isel(dim_0=slice(-patch, None))`` scores only the newest patch.
 
     Returns
     -------
@@ -111,8 +114,11 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
     """
     from .allocation import apply_plan
 
-    ref = forecast(model, x0, steps, batch_size)
-    fcs = {"float": ref, **{name: forecast(apply_plan(model, p), x0, steps, batch_size) for name, p in plans.items()}}
+    view = view or (lambda da: da)
+    ref = view(forecast(model, x0, steps, batch_size))
+    fcs = {"float": ref,
+           **{name: view(forecast(apply_plan(model, p), x0, steps, batch_size)) for name, p in plans.items()}}
+    truth = None if truth is None else view(truth)
     names = xr.DataArray(list(fcs), dims="plan", name="plan")
     out = xr.Dataset({"rmse_vs_float": xr.concat([rmse(fc, ref, keep) for fc in fcs.values()], names)})
     if truth is not None:
