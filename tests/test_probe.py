@@ -217,3 +217,10 @@ def test_dask_local_cluster_gives_identical_scores(mlp, x0):
         remote = probe(mlp, x0, kind="quant", granularity="block", horizon=6, progress=False,
                        executor=client.get_executor())
     xr.testing.assert_identical(remote, serial)
+
+
+def test_transposed_convolutions_are_quantized_per_output_channel():
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ConvTranspose2d(3, 5, 2))
+    system = tqslite.TorchSystem(net)
+    assert system.channel_axis("0.weight") == 0 and system.channel_axis("1.weight") == 1
+    assert net[1].weight.shape[1] == 5  # (in, out, kh, kw)

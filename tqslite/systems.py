@@ -36,6 +36,9 @@ class TorchSystem:
             raise TypeError(f"TorchSystem wraps an nn.Module, got {type(module).__name__}.")
         self.module = module
         self._params = dict(module.named_parameters())
+        # Transposed convolutions keep their output channels on axis 1 of the weight.
+        self._axis1 = {f"{m_name}.weight" if m_name else "weight" for m_name, m in module.named_modules()
+                       if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))}
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """One step: ``(B, *S) -> (B, *S)``, without gradients."""
@@ -56,8 +59,8 @@ class TorchSystem:
             self._params[name].copy_(value)
 
     def channel_axis(self, name: str) -> int:
-        """The output-channel axis of parameter ``name`` (0 for torch ``Linear``/``Conv``)."""
-        return 0
+        """The output-channel axis of parameter ``name``: 0 for torch ``Linear``/``Conv``, 1 for ``ConvTranspose``."""
+        return 1 if name in self._axis1 else 0
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,238 @@
+"""Data loaders: checksums, layout checks, splits, training-only statistics, windows, remote files."""
+
+import functools
+import http.server
+import shutil
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from tqslite import data as D
+
+NCEP = "ncep_air_small"
+
+
+@pytest.fixture(scope="module")
+def ncep():
+    return D.load_dataset(NCEP)
+
+
+def _copy_with_sums(tmp_path, name=NCEP):
+    """A data folder holding one shipped file and a SHA256SUMS that lists it correctly."""
+    src = D.dataset_path(name)
+    shutil.copy(src, tmp_path / src.name)
+    (tmp_path / "SHA256SUMS").write_text(f"{D.sha256_file(src)}  {src.name}\n")
+    return tmp_path / src.name
+
+
+def station_dataset(n_time=100, stations=("A", "B", "C"), seed=0) -> xr.Dataset:
+    rng = np.random.default_rng(seed)
+    time = pd.date_range("2000-01-01", periods=n_time, freq="D")
+    values = rng.normal(10, 3, size=(n_time, len(stations))).astype("float32")
+    return xr.Dataset({"wind_speed": (("time", "station"), values)}, coords={"time": time, "station": list(stations)})
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums
+# --------------------------------------------------------------------------------------------
+
+def test_shipped_files_match_their_checksums():
+    sums = D.read_checksums(D.DATA_DIR / "SHA256SUMS")
+    for name, info in D.DATASETS.items():
+        assert info.file in sums, f"{info.file} is not listed in data/SHA256SUMS"
+    ds = D.load_dataset(NCEP)
+    assert ds.attrs["sha256"] == sums["ncep_air_small.nc"]
+
+
+def test_a_corrupted_file_is_refused_with_its_name_and_the_regeneration_command(tmp_path):
+    path = _copy_with_sums(tmp_path)
+    assert D.load_dataset(NCEP, data_dir=tmp_path).sizes["time"] == 20   # the pristine copy loads
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                                            # flip one byte
+    path.write_bytes(bytes(raw))
+    with pytest.raises(D.ChecksumError) as err:
+        D.load_dataset(NCEP, data_dir=tmp_path)
+    assert "ncep_air_small.nc" in str(err.value)
+    assert "python data/scripts/extract_ncep_small.py" in str(err.value)
+    assert D.load_dataset(NCEP, data_dir=tmp_path, verify=False).sizes["time"] == 20  # opt-out exists
+
+
+def test_a_missing_file_or_checksum_entry_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="extract_ncep_small.py"):
+        D.load_dataset(NCEP, data_dir=tmp_path)
+    _copy_with_sums(tmp_path)
+    (tmp_path / "SHA256SUMS").write_text("")
+    with pytest.raises(D.ChecksumError, match="no entry"):
+        D.load_dataset(NCEP, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        D.load_dataset("era5")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
+
+def test_missing_variable_and_dimension_are_named(ncep):
+    with pytest.raises(ValueError, match=r"variable\(s\) \['z500'\] missing"):
+        D.validate_layout(ncep, ["air", "z500"], ("time", "lat", "lon"))
+    with pytest.raises(ValueError, match=r"dimension\(s\) \['station'\] missing"):
+        D.validate_layout(ncep, ["air"], ("time", "station"))
+    with pytest.raises(ValueError, match="lon"):
+        D.stack_grid(ncep.rename(lon="x"))
+    assert D.validate_layout(ncep, ["air"], ("time", "lat", "lon")) is ncep
+
+
+def test_stack_grid_gives_time_channel_lat_lon(ncep):
+    two = ncep.assign(air2=ncep["air"] * 2)
+    state = D.stack_grid(two, ["air2", "air"])
+    assert state.dims == ("time", "channel", "lat", "lon")
+    assert state.shape == (20, 2, 25, 53) and state.dtype == np.float32
+    assert list(state["channel"].values) == ["air2", "air"]
+    np.testing.assert_allclose(state.values[:, 0], 2 * state.values[:, 1], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and statistics
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(fractions=(0.5, 0.25, 0.25)), dict(fractions=(0.6, 0.2, 0.2), gap=1),
+                                    dict(dates=("2014-02-26T18:00", "2014-02-27T18:00"))])
+def test_splits_are_in_time_order_and_do_not_overlap(ncep, kwargs):
+    splits = D.split_time(ncep, **kwargs)
+    times = [s["time"].values for s in splits]
+    for t in times:
+        assert len(t) > 0 and np.all(np.diff(t) > np.timedelta64(0))
+    assert times[0][-1] < times[1][0] and times[1][-1] < times[2][0]
+    assert not set(times[0]) & set(times[1]) and not set(times[1]) & set(times[2])
+    if "dates" in kwargs:
+        assert times[0][-1] == np.datetime64("2014-02-26T18:00")
+    if kwargs.get("gap"):
+        steps = list(ncep["time"].values)
+        assert steps.index(times[1][0]) - steps.index(times[0][-1]) == 2
+
+
+def test_bad_splits_are_refused(ncep):
+    with pytest.raises(ValueError, match="sum"):
+        D.split_time(ncep, (0.8, 0.3, 0.1))
+    with pytest.raises(ValueError, match="empty"):
+        D.split_time(ncep, (1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="increasing"):
+        D.split_time(ncep.isel(time=slice(None, None, -1)))
+
+
+def test_normalisation_statistics_come_from_the_training_period_only(ncep):
+    before = D.normalization_stats(D.split_time(ncep).train)
+    changed = ncep.copy(deep=True)
+    changed["air"][-1, 0, 0] = 1e6               # a wild value in the test period
+    changed["air"][15, 3, 3] = -1e6              # and one in the validation period (steps 14-16)
+    after = D.normalization_stats(D.split_time(changed).train)
+    xr.testing.assert_identical(before, after)
+    n_train = D.split_time(ncep).train.sizes["time"]
+    np.testing.assert_allclose(float(before["air"].sel(stat="mean")), ncep["air"].values[:n_train].mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(before["air"].sel(stat="std")), ncep["air"].values[:n_train].std(), rtol=1e-12)
+    # ... whereas statistics of the whole record do move
+    assert float(D.normalization_stats(changed)["air"].sel(stat="std")) > 1e3
+
+
+def test_normalise_then_denormalise_is_the_identity_and_stats_survive_json(ncep):
+    stats = D.normalization_stats(D.split_time(ncep).train)
+    z = D.normalize(ncep, stats)
+    assert abs(float(z["air"].isel(time=slice(0, 14)).mean())) < 1e-9
+    xr.testing.assert_allclose(D.denormalize(z, stats), ncep[["air"]])
+    import json
+    xr.testing.assert_identical(D.stats_from_dict(json.loads(json.dumps(stats.to_dict()))), stats)
+
+
+def test_per_station_statistics():
+    ds = station_dataset()
+    stats = D.normalization_stats(D.split_time(ds).train, over="time")
+    assert stats["wind_speed"].dims == ("stat", "station")
+    z = D.normalize(ds, stats).isel(time=slice(0, 70))
+    np.testing.assert_allclose(z["wind_speed"].mean("time"), 0, atol=1e-6)
+    with pytest.raises(ValueError, match="spread"):
+        D.normalization_stats(ds.assign(wind_speed=ds["wind_speed"] * 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+
+def test_time_windows_and_initial_states_have_the_right_shapes(ncep):
+    state = D.stack_grid(ncep)
+    win = D.time_windows(state, length=5, n=4)
+    assert win.dims == ("window", "step", "channel", "lat", "lon") and win.shape == (4, 5, 1, 25, 53)
+    assert list(win["start"].values) == [0, 5, 10, 15]          # evenly spaced, last start = 20 - 5
+    np.testing.assert_array_equal(win.values[2, 3], state.values[13])
+    x0 = D.initial_states(state, 6, horizon=4, method="random", seed=3)
+    assert x0.shape == (6, 1, 25, 53) and x0["start"].max() <= 15
+    again = D.initial_states(state, 6, horizon=4, method="random", seed=3)
+    np.testing.assert_array_equal(x0["start"], again["start"])      # seeded
+    assert len(D.time_windows(state, 3)["window"]) == 18              # every start
+    with pytest.raises(ValueError, match="fit"):
+        D.initial_states(state, 17, horizon=4)
+
+
+def test_series_windows_cover_every_station_and_skip_missing_values():
+    ds = station_dataset(n_time=30)
+    ds["wind_speed"][10, 1] = np.nan
+    series = D.stack_series(ds, "wind_speed")
+    win = D.series_windows(series, length=8)
+    assert win.dims == ("window", "step") and win.shape[1] == 8
+    # 23 starts x 3 stations, minus the 8 windows of station B that contain day 10
+    assert len(win.window) == 23 * 3 - 8 and np.isfinite(win.values).all()
+    w0 = win.isel(window=5)
+    col = list(series["station"].values).index(str(w0["station"].values))
+    np.testing.assert_array_equal(w0.values, series.values[int(w0["start"]):int(w0["start"]) + 8, col])
+    assert D.series_windows(series, 8, n=10, method="random", seed=1).shape == (10, 8)
+    single = D.stack_series(xr.Dataset({"tmax": ("time", np.arange(20.0))},
+                                       coords={"time": pd.date_range("2000", periods=20)}), "tmax")
+    assert single.dims == ("time", "station") and single.shape == (20, 1)
+
+
+def test_annual_cycle_fit_recovers_a_seasonal_signal():
+    time = pd.date_range("1990-01-01", "1999-12-31", freq="D")
+    phase = 2 * np.pi * (time - pd.Timestamp("2000-01-01")).days.values / 365.2425
+    truth = 3 + 2 * np.cos(phase) - 0.5 * np.sin(2 * phase)
+    noise = np.random.default_rng(0).normal(0, 0.1, len(time))
+    series = xr.DataArray((truth + noise)[:, None], dims=("time", "station"), coords={"time": time, "station": ["X"]})
+    fit = D.annual_cycle(D.annual_cycle_fit(series), time).values[:, 0]
+    assert np.abs(fit - truth).max() < 0.02
+
+
+# --------------------------------------------------------------------------------------------
+# Remote files
+# --------------------------------------------------------------------------------------------
+
+def test_open_remote_fails_at_once_when_the_server_cannot_be_reached(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="download the file by other means"):
+        D.open_remote("http://127.0.0.1:9/air.nc", "0" * 64, cache_dir=tmp_path, timeout=2)  # nothing listens
+    assert time.perf_counter() - t0 < 5
+    assert not list(tmp_path.iterdir())                              # no partial file left
+
+
+def test_open_remote_downloads_checks_and_caches(tmp_path, ncep):
+    served = tmp_path / "served"
+    served.mkdir()
+    path = _copy_with_sums(served)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
+        cache = tmp_path / "cache"
+        got = D.open_remote(url, D.sha256_file(path), cache_dir=cache, timeout=5)
+        xr.testing.assert_identical(got["air"], ncep["air"])
+        with pytest.raises(D.ChecksumError, match="nothing was kept"):
+            D.open_remote(url, "f" * 64, cache_dir=cache, timeout=5)
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the good file stays cached: opening it again needs no server
+    assert D.open_remote(url, D.sha256_file(path), cache_dir=cache, timeout=1).sizes["time"] == 20
