@@ -107,4 +107,5 @@ def load(name: str, backend: str = "torch", checkpoint_dir=None, verify: bool = 
     return wrap(name, model), meta
 
 
-__all__ = ["CHECKPOINT_DIR", "MODELS", "build_from_meta", "checkpoint_path", "load", "module_of", "wrap"]
+__all__ = ["CHECKPOINT_DIR", "MODELS", "build_from_meta", "checkpoint_path", "load", "module_of", "regenerate_command",
+           "wrap"]
