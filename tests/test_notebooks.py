@@ -94,3 +94,23 @@ def test_notebook_runs_in_smoke_mode_and_renders_with_figures(smoke_site, path):
     assert title.split("`")[0].strip()[:20] in page
     results = list((stage / "outputs" / path.stem).rglob("*"))
     assert any(p.suffix in (".nc", ".json") for p in results), "results are written to output_dir"
+
+
+def test_case_study_page_screenshot(smoke_site, tmp_path):
+    """A case study renders in headless Chromium, offline, with its title and its figures."""
+    import matplotlib.image
+    from test_book import chromium
+
+    cases = [nb for nb in NOTEBOOKS if "_case_" in nb.stem]
+    if not cases:
+        pytest.skip("no case-study notebook yet")
+    site, _ = smoke_site
+    page = (site / "notebooks" / f"{cases[0].stem}.html").as_uri()
+    shot = tmp_path / "case.png"
+    chromium("--window-size=1280,1400", f"--screenshot={shot}", page)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (1400, 1280) and pixels[..., :3].var() > 1e-4, "the screenshot is blank"
+    dom = chromium("--dump-dom", page).stdout
+    title = headings(nbformat.read(cases[0], as_version=4))[0][1]
+    assert f"<h1>{title.split('`')[0].strip()[:20]}" in dom or title.split("`")[0].strip()[:20] in dom
+    assert dom.count("<img") >= 2, "the rendered case study shows its figures"
