@@ -74,3 +74,10 @@ def test_compare_plans_float_row_is_zero_and_model_untouched(mlp, x0):
     np.testing.assert_allclose(res["rmse_vs_truth"].sel(plan="float"), 0.1, rtol=1e-6)
     assert (res["rmse_vs_float"].sel(plan="rtn4") > 0).all()
     assert all(torch.equal(p, before[n]) for n, p in mlp.state_dict().items())
+
+
+def test_keep_defaults_to_the_variable_dim_and_refuses_missing_dims():
+    a = grid().rename(variable="channel")
+    assert rmse(a, a + 1).dims == ("channel",)
+    with pytest.raises(ValueError, match="no dim"):
+        rmse(a, a, keep=("variable",))

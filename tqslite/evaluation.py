@@ -57,21 +57,30 @@ def lat_weights(lat) -> xr.DataArray:
 
 
 def _mean(x: xr.DataArray, keep) -> xr.DataArray:
-    """Mean over every dim but ``lead`` and ``keep``; latitude-weighted when there is a ``lat`` dim."""
+    """Mean over every dim but ``lead`` and ``keep``; latitude-weighted when there is a ``lat`` dim.
+
+    ``keep=None`` keeps the ``variable`` or ``channel`` dim if there is one; a ``keep`` dim the
+    data do not have is an error (rather than a silent average over everything).
+    """
+    if keep is None:
+        keep = tuple(d for d in ("variable", "channel") if d in x.dims)
+    missing = [d for d in keep if d not in x.dims]
+    if missing:
+        raise ValueError(f"keep={tuple(keep)}: the data have no dim {missing} (dims: {x.dims}).")
     dims = [d for d in x.dims if d not in ("lead", *keep)]
     return x.weighted(lat_weights(x["lat"])).mean(dims) if "lat" in x.dims else x.mean(dims)
 
 
-def rmse(a: xr.DataArray, b: xr.DataArray, keep=("variable",)) -> xr.DataArray:
+def rmse(a: xr.DataArray, b: xr.DataArray, keep=None) -> xr.DataArray:
     """Root-mean-square difference per lead (and per ``keep`` dim), latitude-weighted if gridded.
 
     Averages over every dim except ``lead`` and those in ``keep`` (windows, space, stations),
-    in float64.
+    in float64. ``keep=None``: the ``variable`` or ``channel`` dim, if any.
     """
     return np.sqrt(_mean((a.astype("float64") - b.astype("float64")) ** 2, keep))
 
 
-def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=("variable",)) -> xr.DataArray:
+def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=None) -> xr.DataArray:
     """Anomaly correlation per lead: ``mean(f' t') / sqrt(mean(f'^2) mean(t'^2))``.
 
     ``f' = fc - climatology`` and ``t' = truth - climatology`` (anomalies, not re-centred); means
@@ -84,7 +93,7 @@ def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=("variable",)) 
 
 
 def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None = None,
-                  keep=("variable",), batch_size: int | None = None, view=None) -> xr.Dataset:
+                  keep=None, batch_size: int | None = None, view=None) -> xr.Dataset:
     """Roll out the float model and a quantized copy per plan; errors per lead, side by side.
 
     Parameters
@@ -99,8 +108,8 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
         Leads 1..steps.
     truth : DataArray, optional
         The verifying states, dims ``(window, lead, *S)`` like the forecasts.
-    keep : tuple of str
-        Dims kept in the scores (``variable`` for gridded states, ``station`` for series).
+    keep : tuple of str, optional
+        Dims kept in the scores (default: ``variable`` or ``channel`` if the state has one).
     view : callable, optional
         Applied to every forecast and to the truth before scoring, e.g. for a context-window
         state ``lambda da: da.isel(dim_0=slice(-patch, None))`` scores only the newest patch.
