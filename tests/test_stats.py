@@ -18,6 +18,7 @@ def test_spearman_matches_scipy_and_known_values(rng):
 def test_bootstrap_interval_brackets_the_score_and_collapses_for_identical_windows(mlp, x0):
     scores = probe(mlp, x0, horizon=6, progress=False)
     ci = bootstrap_gamma(scores, n_boot=300)
+    assert ci["unit"].values.tolist() == scores["unit"].values.tolist()
     assert np.all(ci["gamma_lo"] <= ci["gamma"]) and np.all(ci["gamma"] <= ci["gamma_hi"])
     assert np.all(ci["gamma_hi"] - ci["gamma_lo"] > 0)
     same = probe(mlp, x0[:1].repeat(8, 1), horizon=6, progress=False)  # 8 copies of one window

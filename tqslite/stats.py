@@ -41,6 +41,7 @@ def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, se
         lo, hi = np.quantile(boot, [alpha, 1 - alpha], axis=0)
     return xr.Dataset(
         {"gamma": ("unit", gamma), "gamma_lo": ("unit", lo), "gamma_hi": ("unit", hi)},
+        coords={"unit": scores["unit"].values},
         attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "resampled": "windows"},
     )
 
