@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .data import lat_weights as data_lat_weights
 from .systems import as_system, rollout
 
 
@@ -51,9 +52,8 @@ def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArr
 
 
 def lat_weights(lat) -> xr.DataArray:
-    """``cos(lat) / mean(cos(lat))`` on the ``lat`` coordinate (degrees)."""
-    w = np.cos(np.deg2rad(np.asarray(lat, float)))
-    return xr.DataArray(w / w.mean(), dims="lat", coords={"lat": np.asarray(lat)})
+    """:func:`tqslite.data.lat_weights` (``cos(lat) / mean(cos(lat))``) as a DataArray on ``lat``."""
+    return xr.DataArray(data_lat_weights(lat), dims="lat", coords={"lat": np.asarray(lat)})
 
 
 def _mean(x: xr.DataArray, keep) -> xr.DataArray:
