@@ -59,8 +59,8 @@ def perturbation(system, unit: Unit, kind: str, bits: int = 4, sigma_rel: float 
             new = rtn_quantize(w, bits, quant_granularity, system.channel_axis(name), group_size, symmetric)
         else:
             rms = float(w.double().pow(2).mean().sqrt()) if w.numel() else 0.0
-            xi = torch.randn(tuple(w.shape), generator=gen, dtype=torch.float64)
-            new = w + (sigma_rel * rms * xi).to(w.dtype)
+            xi = torch.randn(tuple(w.shape), generator=gen, dtype=w.dtype)  # drawn in the weight's dtype
+            new = w + (sigma_rel * rms) * xi
         perturbed[name] = new
         num += float((new.double() - w.double()).pow(2).sum())
         den += float(w.double().pow(2).sum())
