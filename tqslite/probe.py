@@ -80,7 +80,8 @@ def as_states(x0, dtype) -> torch.Tensor:
 
 def _rms_divergence(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
     """RMS over state elements of ``x - ref`` for states ``(T, B, *S)``: ``(B, T)`` float64, NaN -> +inf."""
-    d = (x - ref).double().flatten(2).pow(2).mean(2).sqrt().T.numpy()
+    diff = (x - ref).flatten(2)
+    d = (torch.linalg.vector_norm(diff, dim=2, dtype=torch.float64) / math.sqrt(diff.shape[2])).T.numpy()
     return np.where(np.isnan(d), np.inf, d)
 
 
