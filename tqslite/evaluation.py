@@ -44,9 +44,8 @@ def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArr
         values = np.asarray(x0)
         x0 = xr.DataArray(values, dims=("window", *[f"dim_{i}" for i in range(values.ndim - 1)]))
     x = torch.as_tensor(x0.values).to(system.dtype)
-    batch_size = batch_size or len(x)
     with system.evaluating():
-        out = torch.cat([rollout(system, x[i:i + batch_size], steps) for i in range(0, len(x), batch_size)], dim=1)
+        out = rollout(system, x, steps, batch_size)
     da = xr.DataArray(out.transpose(0, 1).numpy(), dims=(x0.dims[0], "lead", *x0.dims[1:]), coords=x0.coords)
     return da.assign_coords(lead=np.arange(1, steps + 1))
 

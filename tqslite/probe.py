@@ -29,7 +29,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from .quantization import check_bits, check_finite, rtn_quantize
-from .systems import as_system, swapped
+from .systems import as_system, rollout, swapped
 from .units import Unit, check_units, make_units
 
 #: Floor under the divergence before taking logs (SPEC: a tiny constant, float64).
@@ -202,19 +202,9 @@ def probe(
     ))
 
 
-def _rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
-    """States at leads 1..horizon from ``x0`` ``(N, *S)``, in batches of windows: ``(T, N, *S)``."""
-    out = torch.empty((horizon, *x0.shape), dtype=x0.dtype)
-    for i in range(0, len(x0), batch_size):
-        x = x0[i:i + batch_size]
-        for t in range(horizon):
-            x = out[t, i:i + batch_size] = system.step(x)
-    return out
-
-
 def reference_rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
     """The unperturbed rollout ``(T, N, *S)``; ``ValueError`` naming the lead where it turns non-finite."""
-    ref = _rollout(system, x0, horizon, batch_size)
+    ref = rollout(system, x0, horizon, batch_size)
     if not torch.isfinite(ref).all():
         bad = int(torch.nonzero(~torch.isfinite(ref.flatten(1)).all(1))[0]) + 1
         raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
@@ -224,7 +214,7 @@ def reference_rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -
 
 def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int) -> np.ndarray:
     """RMS divergence ``(window, lead)`` of the system's rollout from ``ref``; once non-finite, ``+inf``."""
-    div = _rms_divergence(_rollout(system, x0, ref.shape[0], batch_size), ref)
+    div = _rms_divergence(rollout(system, x0, ref.shape[0], batch_size), ref)
     div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
     return div
 

@@ -126,14 +126,22 @@ def swapped(system, values: dict):
             system.set_parameter(name, value)
 
 
-def rollout(system, x0: torch.Tensor, steps: int) -> torch.Tensor:
-    """Roll ``system`` (or an ``nn.Module``) out from ``x0`` ``(B, *S)``: ``(steps, B, *S)``, t = 1..steps."""
+def rollout(system, x0: torch.Tensor, steps: int, batch_size: int | None = None) -> torch.Tensor:
+    """Roll ``system`` (or an ``nn.Module``) out from ``x0`` ``(B, *S)``: ``(steps, B, *S)``, t = 1..steps.
+
+    ``batch_size`` windows go through each forward call (default: all ``B`` at once).
+    """
     system = as_system(system)
-    out, x = [], x0
-    for _ in range(steps):
-        x = system.step(x)
-        out.append(x)
-    return torch.stack(out)
+    batch_size = batch_size or len(x0)
+    out = None
+    for i in range(0, len(x0), batch_size):
+        x = x0[i:i + batch_size]
+        for t in range(steps):
+            x = system.step(x)
+            if out is None:
+                out = torch.empty((steps, len(x0), *x.shape[1:]), dtype=x.dtype)
+            out[t, i:i + batch_size] = x
+    return out if out is not None else torch.empty((0, *x0.shape), dtype=x0.dtype)
 
 
 # --------------------------------------------------------------------------------------------
