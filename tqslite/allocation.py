@@ -32,7 +32,7 @@ import xarray as xr
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .quantization import check_bits, relative_error, rtn_quantize, storage_bits
+from .quantization import check_bits, grid_for, relative_error, rtn_quantize, storage_bits
 from .systems import as_system
 from .units import Unit
 
@@ -208,7 +208,9 @@ def cost_table(scores: xr.Dataset, model, options=DEFAULT_OPTIONS, objective: st
     objective : {"linear", "quadratic", "paper"}
         See the module docstring.
     granularity, group_size, symmetric
-        The RTN settings the plan will be applied with (they set sizes and ``eps_u(b)``).
+        The RTN settings the plan will be applied with (they set sizes and ``eps_u(b)``). With
+        ``granularity="group"``, tensors whose channels ``group_size`` does not divide keep one
+        scale per channel (:func:`tqslite.quantization.grid_for`).
     lead : int, optional
         The lead ``T`` whose ``Lambda_u(T)`` is used (default: the probe's horizon).
     bottom : int, optional
@@ -242,10 +244,10 @@ def cost_table(scores: xr.Dataset, model, options=DEFAULT_OPTIONS, objective: st
         ws = [(system.get_parameter(p), system.channel_axis(p)) for p in u.params]
         norms = [float(w.double().norm()) for w, _ in ws]
         total = math.sqrt(sum(n**2 for n in norms))
+        kws = [dict(grid_for(tuple(w.shape), granularity, ax, group_size), axis=ax, symmetric=symmetric) for w, ax in ws]
         for j, b in enumerate(options):
-            kw = dict(granularity=granularity, group_size=group_size, symmetric=symmetric)
-            size[i, j] = sum(storage_bits(tuple(w.shape), b, axis=ax, **kw) for w, ax in ws)
-            residual = math.sqrt(sum((relative_error(w, b, axis=ax, **kw) * n) ** 2 for (w, ax), n in zip(ws, norms)))
+            size[i, j] = sum(storage_bits(tuple(w.shape), b, **kw) for (w, _), kw in zip(ws, kws))
+            residual = math.sqrt(sum((relative_error(w, b, **kw) * n) ** 2 for (w, _), kw, n in zip(ws, kws, norms)))
             eps[i, j] = residual / total if total > 0 else 0.0
     with np.errstate(over="ignore", invalid="ignore"):
         predicted = eps * np.exp(lam)[:, None]
@@ -544,11 +546,14 @@ def apply_plan(model, plan: Plan, inplace: bool = False):
         raise ValueError(f"the plan names parameters this model does not have: {unknown}; "
                          "was it made for another model?")
     s = plan.settings
-    kw = dict(granularity=s.get("granularity", "channel"),
-              group_size=None if s.get("group_size", "none") == "none" else int(s["group_size"]),
-              symmetric=bool(s.get("symmetric", True)))
-    new = {p: rtn_quantize(system.get_parameter(p), plan[u], axis=system.channel_axis(p), **kw)
-           for u, ps in plan.members.items() for p in ps}  # everything computed before anything is written
+    granularity = s.get("granularity", "channel")
+    group_size = None if s.get("group_size", "none") == "none" else int(s["group_size"])
+    new = {}
+    for u, ps in plan.members.items():  # everything computed before anything is written
+        for p in ps:
+            w, ax = system.get_parameter(p), system.channel_axis(p)
+            new[p] = rtn_quantize(w, plan[u], axis=ax, symmetric=bool(s.get("symmetric", True)),
+                                  **grid_for(tuple(w.shape), granularity, ax, group_size))
     for p, w in new.items():
         system.set_parameter(p, w)
     return target

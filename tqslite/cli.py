@@ -66,32 +66,9 @@ def _model(name: str, backend: str = "torch"):
 
 
 def initial_states(name: str, n: int, horizon: int, seed: int = 0):
-    """``n`` initial states of model ``name`` from its held-out data, and the truth that follows.
-
-    Returns ``(x0, truth)``: ``x0`` a DataArray ``(window, *S)`` (normalised), ``truth`` a
-    DataArray ``(window, lead, *S)`` for leads ``1..horizon`` (for the series model, the context
-    windows that the true values would make).
-    """
-    import numpy as np
-    import xarray as xr
-
-    from . import data as D
-    from .models import module_of
-    from .train import prepare
-
-    prep = prepare(name)
-    if module_of(name).LAYOUT == "grid":
-        win = D.time_windows(prep.heldout, 1 + horizon, n, "even", seed)
-        x0 = win.isel(step=0, drop=True)
-        truth = win.isel(step=slice(1, None)).rename(step="lead").assign_coords(lead=np.arange(1, horizon + 1))
-        return x0, truth.transpose("window", "lead", ...)
-    arch = module_of(name).ARCH
-    ctx, p = arch["context"], arch["patch"]
-    win = D.series_windows(prep.heldout, ctx + horizon * p, n, "even", seed)
-    x0 = win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
-    truth = xr.concat([win.isel(step=slice((t + 1) * p, ctx + (t + 1) * p)).rename(step="dim_0")
-                       .drop_vars("dim_0", errors="ignore") for t in range(horizon)], dim="lead")
-    return x0, truth.assign_coords(lead=np.arange(1, horizon + 1)).transpose("window", "lead", ...)
+    """``(x0, truth)`` of model ``name`` from its held-out data: :func:`tqslite.train.heldout_windows`."""
+    from .train import heldout_windows
+    return heldout_windows(name, n, horizon, seed)
 
 
 def _cmd_probe(a) -> None:

@@ -100,6 +100,21 @@ def _from_rows(rows: torch.Tensor, shape: tuple, granularity: str, axis: int) ->
     return rows.reshape(moved).movedim(0, axis)
 
 
+def grid_for(shape, granularity: str = "channel", axis: int = 0, group_size: int | None = None) -> dict:
+    """The grid a whole-model plan gives one tensor: ``granularity`` and ``group_size`` keywords.
+
+    :func:`rtn_quantize` refuses a ``group_size`` that does not divide a channel's elements. A
+    plan over a whole model asks for one grouping everywhere, and some tensors (a depthwise
+    kernel of 25 taps, a bias of 7) cannot take it; those keep one scale per channel. Allocation,
+    :func:`tqslite.apply_plan` and GPTQ all use this rule, so sizes agree across methods.
+    """
+    if granularity == "group" and group_size:
+        per_channel = _to_rows(torch.empty(tuple(shape), device="meta"), "channel", axis, None).shape[1]
+        if per_channel % group_size:
+            return {"granularity": "channel", "group_size": None}
+    return {"granularity": granularity, "group_size": group_size}
+
+
 def n_slices(shape, granularity: str = "channel", axis: int = 0, group_size: int | None = None) -> int:
     """Number of scales RTN stores for a tensor of ``shape`` (no data needed)."""
     return _to_rows(torch.empty(tuple(shape), device="meta"), granularity, axis, group_size).shape[0]

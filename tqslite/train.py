@@ -153,6 +153,62 @@ def _prepare_series(module, data_dir) -> Prepared:
                     stats, info, climatology=D.annual_cycle_fit(series(splits.train)))
 
 
+#: The periods a model's states can be drawn from (see :func:`probe_states`).
+SPLITS = ("train", "validation", "heldout")
+
+
+def probe_states(name: str, split: str = "validation", n: int = 16, horizon: int = 0, seed: int = 0,
+                 prep: Prepared | None = None) -> xr.DataArray:
+    """``n`` normalised initial states of model ``name`` from one period, for a probe.
+
+    ``split`` is ``"train"``, ``"validation"`` (the default: what probes and allocation use) or
+    ``"heldout"`` (what the evaluation uses). States are evenly spaced, leaving room for
+    ``horizon`` further steps. Grids: ``(window, channel, lat, lon)``; series: context windows
+    ``(window, dim_0)`` with a ``station(window)`` coordinate (none for ``"train"``, whose windows
+    are stored without it). ``prep`` saves reloading the data (:func:`prepare`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}.")
+    prep = prep or prepare(name)
+    module = module_of(name)
+    if module.LAYOUT == "grid":
+        if split == "train":
+            ref = prep.validation
+            states = xr.DataArray(prep.train, dims=ref.dims, coords={"time": np.arange(len(prep.train)),
+                                  **{d: ref[d] for d in ref.dims[1:]}})
+        else:
+            states = getattr(prep, split)
+        return D.initial_states(states, n, horizon, seed=seed)
+    ctx, patch = module.ARCH["context"], module.ARCH["patch"]
+    if split == "train":
+        rows = D.window_starts(len(prep.train), 1, n, "even", seed)
+        return xr.DataArray(prep.train[rows, :ctx], dims=("window", "dim_0"))
+    win = D.series_windows(getattr(prep, split), ctx + horizon * patch, n, "even", seed)
+    return win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
+
+
+def heldout_windows(name: str, n: int, horizon: int, seed: int = 0, prep: Prepared | None = None):
+    """``n`` initial states of model ``name`` from its held-out data, and the truth that follows.
+
+    Returns ``(x0, truth)``: ``x0`` a DataArray ``(window, *S)`` (normalised), ``truth`` a
+    DataArray ``(window, lead, *S)`` for leads ``1..horizon`` (for the series model, the context
+    windows that the true values would make; score their newest patch).
+    """
+    prep = prep or prepare(name)
+    module = module_of(name)
+    if module.LAYOUT == "grid":
+        win = D.time_windows(prep.heldout, 1 + horizon, n, "even", seed)
+        x0 = win.isel(step=0, drop=True)
+        truth = win.isel(step=slice(1, None)).rename(step="lead").assign_coords(lead=np.arange(1, horizon + 1))
+        return x0, truth.transpose("window", "lead", ...)
+    ctx, p = module.ARCH["context"], module.ARCH["patch"]
+    win = D.series_windows(prep.heldout, ctx + horizon * p, n, "even", seed)
+    x0 = win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
+    truth = xr.concat([win.isel(step=slice((t + 1) * p, ctx + (t + 1) * p)).rename(step="dim_0")
+                       .drop_vars("dim_0", errors="ignore") for t in range(horizon)], dim="lead")
+    return x0, truth.assign_coords(lead=np.arange(1, horizon + 1)).transpose("window", "lead", ...)
+
+
 # --------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------

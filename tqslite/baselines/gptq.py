@@ -14,8 +14,8 @@ of ``group_size`` input columns with the scale fixed when the group starts, floa
 rounded up. So a GPTQ tensor is stored exactly like an RTN tensor of the same settings, and sizes
 match RTN's. Layers are processed in module order, each calibrated on the inputs it receives
 from the already-quantized layers before it (the sequential variant). ``nn.Linear`` and
-``nn.Conv1d/2d`` weights get GPTQ; every other parameter (biases, norms, embeddings, transposed
-convolutions) gets plain RTN at the same bits.
+``nn.Conv1d/2d`` weights (grouped convolutions group by group) get GPTQ; every other parameter
+(biases, norms, embeddings, transposed convolutions) gets plain RTN at the same bits.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import copy
 import torch
 from torch import nn
 
-from ..quantization import _quantize_rows, check_bits, rtn_quantize
+from ..quantization import _quantize_rows, check_bits, grid_for, rtn_quantize
+from ..systems import TorchSystem
 
 
 def _layer_inputs(model: nn.Module, layer: nn.Module, batches) -> torch.Tensor:
@@ -138,7 +139,10 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, bits: int, group_
         Calibration states, e.g. initial states drawn from the training period.
     bits, group_size, act_order, damp, symmetric
         See :func:`gptq_layer`. Parameters that are not ``Linear``/``Conv`` weights get RTN at
-        ``bits`` (per output channel, or per group when ``group_size`` divides them).
+        ``bits``. With ``group_size``, a tensor whose channels it does not divide keeps one
+        scale per channel (:func:`tqslite.quantization.grid_for`, the rule plans use), so a
+        GPTQ model is stored exactly like the uniform RTN plan of the same settings. A grouped
+        convolution (e.g. depthwise) is solved group by group.
     batch_size : int
         Calibration states per forward pass.
 
@@ -148,18 +152,25 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, bits: int, group_
         The quantized copy.
     """
     target = copy.deepcopy(model).eval()
+    system = TorchSystem(target)
+    gran = "group" if group_size else "channel"
     batches = list(torch.as_tensor(calibration).split(batch_size))
     layers = [(name, m) for name, m in target.named_modules() if isinstance(m, GPTQ_LAYERS)]
     for _, layer in layers:  # in module order: each sees the inputs the quantized layers before it give
         X = _layer_inputs(target, layer, batches)
-        Q = gptq_layer(layer.weight.flatten(1), X, bits, group_size, act_order, damp, symmetric)
+        W = layer.weight.flatten(1)
+        g = grid_for(tuple(W.shape), gran, 0, group_size)["group_size"]
+        n_groups = getattr(layer, "groups", 1)  # a grouped conv: each group of outputs sees its own inputs
+        rows, cols = W.shape[0] // n_groups, W.shape[1]
+        Q = torch.cat([gptq_layer(W[i * rows:(i + 1) * rows], X[i * cols:(i + 1) * cols], bits, g, act_order, damp,
+                                  symmetric) for i in range(n_groups)])
         with torch.no_grad():
             layer.weight.copy_(Q.reshape(layer.weight.shape))
     done = {f"{name}.weight" if name else "weight" for name, _ in layers}
     with torch.no_grad():
         for name, p in target.named_parameters():
             if name not in done:
-                per_row = p.reshape(p.shape[0], -1).shape[1] if p.ndim > 1 else p.numel()
-                group = group_size if group_size and per_row % group_size == 0 else None
-                p.copy_(rtn_quantize(p, bits, "group" if group else "channel", group_size=group, symmetric=symmetric))
+                ax = system.channel_axis(name)
+                p.copy_(rtn_quantize(p, bits, axis=ax, symmetric=symmetric,
+                                     **grid_for(tuple(p.shape), gran, ax, group_size)))
     return target

@@ -117,9 +117,12 @@ def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=m
                    depth=1, include=None, exclude=None) -> xr.Dataset:
     """HAWQ-V2 sensitivities from the training loss's Hessian trace per unit.
 
-    ``s_u**2 = max(trace_u, 0) / n_u * ||theta_u||**2``, so that with ``objective="quadratic"`` the
-    cost of option ``b`` is HAWQ-V2's ``trace_u / n_u * ||Q_b(theta_u) - theta_u||**2``. The raw
-    traces are in the variable ``trace``. ``model`` must be an ``nn.Module`` (or a system with a
+    ``s_u**2 = trace_u / n_u * ||theta_u||**2``, so that with ``objective="quadratic"`` (set in
+    ``attrs``) the cost of option ``b`` is HAWQ-V2's ``trace_u / n_u * ||Q_b(theta_u) - theta_u||**2``.
+    The raw traces are in the variable ``trace``. The loss of a trained network is not convex,
+    and the estimate is noisy: a unit whose estimated trace is <= 0 (often a norm's gain) would
+    make quantization error look free or even welcome. Its ``trace_u / n_u`` is floored to the
+    smallest positive one of the model (flagged in ``floored``): least sensitive, not free. ``model`` must be an ``nn.Module`` (or a system with a
     ``module``): gradients are needed, unlike for TQS.
     """
     system = as_system(model)
@@ -128,15 +131,17 @@ def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=m
         raise TypeError("hessian_scores needs a torch module (it differentiates the loss); TQS does not.")
     units = make_units(system.parameter_names(), granularity, depth, include, exclude)
     traces = hutchinson_traces(module, batches, [p for u in units for p in u.params], n_samples, seed, loss_fn)
-    log_s, unit_trace = [], []
+    per_param, norm2 = [], []
     for u in units:
-        t = sum(traces[p] for p in u.params)
-        n = sum(system.get_parameter(p).numel() for p in u.params)
-        norm2 = sum(float(system.get_parameter(p).double().pow(2).sum()) for p in u.params)
-        s2 = max(t, 0.0) / n * norm2
-        log_s.append(0.5 * np.log(s2) if s2 > 0 else -np.inf)
-        unit_trace.append(t)
+        per_param.append(sum(traces[p] for p in u.params) / sum(system.get_parameter(p).numel() for p in u.params))
+        norm2.append(sum(float(system.get_parameter(p).double().pow(2).sum()) for p in u.params))
+    per_param, norm2 = np.array(per_param), np.array(norm2)
+    positive = per_param > 0
+    floor = per_param[positive].min() if positive.any() else 1.0
+    with np.errstate(divide="ignore"):
+        log_s = 0.5 * np.log(np.where(positive, per_param, floor) * norm2)  # -inf only for all-zero weights
     ds = _layout(system, units, log_s, "hessian", granularity=granularity, n_samples=n_samples, seed=seed,
                  objective="quadratic")
-    ds["trace"] = ("unit", np.array(unit_trace), {"long_name": "Hutchinson estimate of tr(H_u)"})
+    ds["trace"] = ("unit", per_param * ds["n_params"].values, {"long_name": "Hutchinson estimate of tr(H_u)"})
+    ds["floored"] = ("unit", ~positive, {"long_name": "trace estimate <= 0, floored"})
     return ds
