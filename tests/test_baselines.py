@@ -119,3 +119,60 @@ def test_range_and_random_scores(mlp):
     assert float(random_scores(mlp, seed=2)["gamma"].sel(unit="4.weight")) != float(a["gamma"].sel(unit="4.weight"))
     plan = tqslite.allocate(a, mlp, budget_bits=4)  # any score set drives the same allocator
     assert plan.bits_per_param <= 4
+
+
+def test_gptq_on_a_depthwise_conv_solves_each_group_and_beats_rtn():
+    # a grouped convolution: each output channel sees only its own input channel
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Tanh(), nn.Conv2d(4, 2, 1)).double()
+    calib = torch.randn(32, 4, 8, 8, dtype=torch.float64).cumsum(-1)  # correlated neighbours
+    q = gptq_quantize(model, calib, bits=3)
+    with torch.no_grad():
+        for name in ("0.weight", "2.weight"):  # on the RTN grid of the original weights, per channel
+            w, qw = model.get_parameter(name).flatten(1), q.get_parameter(name).flatten(1)
+            codes = qw / rtn_scales(w, 3).double()[:, None]
+            assert torch.allclose(codes, codes.round(), atol=1e-6)
+        # the depthwise layer alone, on its own calibration inputs: lower output error than RTN
+        conv = model[0]
+        rtn_conv = nn.Conv2d(4, 4, 3, padding=1, groups=4).double()
+        rtn_conv.load_state_dict({"weight": tqslite.rtn_quantize(conv.weight, 3), "bias": q[0].bias})
+        ref = conv(calib)
+        assert (q[0](calib) - ref).norm() < (rtn_conv(calib) - ref).norm()
+
+
+def test_group_grid_falls_back_per_tensor_and_sizes_agree_across_methods():
+    from tqslite.quantization import grid_for
+    assert grid_for((64, 25), "group", 0, 32) == {"granularity": "channel", "group_size": None}
+    assert grid_for((64, 64), "group", 0, 32) == {"granularity": "group", "group_size": 32}
+    assert grid_for((7,), "group", 0, 32)["granularity"] == "channel"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 25), nn.Tanh(), nn.Linear(25, 64)).double()  # 25 columns: no groups of 32
+    scores = tqslite.probe(model, torch.randn(4, 64, dtype=torch.float64), horizon=1, progress=False)
+    plan = tqslite.uniform_plan(scores, model, 3, granularity="group", group_size=32)
+    expected = sum(tqslite.storage_bits(tuple(p.shape), 3, **grid_for(tuple(p.shape), "group", 0, 32))
+                   for p in model.parameters())
+    assert plan.size_bits == expected
+    q_plan = tqslite.apply_plan(model, plan)
+    q_gptq = gptq_quantize(model, torch.randn(64, 64, dtype=torch.float64), 3, group_size=32)
+    # parameters GPTQ leaves to RTN follow the same rule: groups of 32 where they fit
+    assert torch.equal(q_gptq[0].bias, tqslite.rtn_quantize(model[0].bias, 3, "channel"))
+    assert torch.equal(q_gptq[2].bias, tqslite.rtn_quantize(model[2].bias, 3, "group", group_size=32))
+    assert torch.equal(q_plan[0].weight, tqslite.rtn_quantize(model[0].weight, 3, "group", group_size=32))
+    assert torch.equal(q_plan[2].weight, tqslite.rtn_quantize(model[2].weight, 3, "channel"))
+
+
+def test_hessian_traces_at_or_below_zero_are_floored_not_free(mlp, x0):
+    from tqslite.baselines import hessian_scores
+    y = forecast(mlp, x0, 1).isel(lead=0).values
+
+    def loss(model, batch):  # negative curvature along the first layer's bias
+        x, t = batch
+        return torch.nn.functional.mse_loss(model(x), t) - 10.0 * (model[0].bias ** 2).sum()
+
+    s = hessian_scores(mlp, [(x0, torch.as_tensor(y) + 0.1)], n_samples=4, loss_fn=loss)
+    assert bool(s["floored"].sel(unit="0.bias")) and float(s["trace"].sel(unit="0.bias")) < 0
+    assert not bool(s["dead"].sel(unit="0.bias"))
+    per_param = (s["trace"] / s["n_params"]).where(~s["floored"])
+    floor = float(per_param.min())
+    b = mlp[0].bias.detach().double()
+    assert float(s["gamma"].sel(unit="0.bias")) == pytest.approx(0.5 * float(torch.log(floor * b.pow(2).sum())))

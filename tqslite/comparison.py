@@ -35,7 +35,7 @@ from itertools import combinations
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .allocation import allocate, apply_plan, cost_table, uniform_plan
 from .baselines.gptq import gptq_quantize
@@ -437,6 +437,8 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
     from .models import load, module_of
     from .train import prepare, probe_states
 
+    if len(set(splits)) != len(splits) or len(splits) < 2:
+        raise ValueError(f"splits={tuple(splits)}: give at least two different periods, none twice.")
     grid = module_of(name).LAYOUT == "grid"
     n = n or (16 if grid else 256)
     horizon = horizon or (12 if grid else 8)
