@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.tqslite-installed
 SMOKE ?=
 PYTEST_ARGS ?=
 
-.PHONY: all setup book test lab bench clean
+.PHONY: all setup book test lab bench baselines clean
 
 all: test
 
@@ -38,6 +38,10 @@ lab: $(STAMP)
 ## bench: print the performance ratios (not part of the tests)
 bench: $(STAMP)
 	$(PY) benchmarks/probe_throughput.py
+
+## baselines: every method at matched size on the shipped models: win and cost tables (SMOKE=1: quick)
+baselines: $(STAMP)
+	$(PY) benchmarks/baselines.py $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf book/_build _build .pytest_cache

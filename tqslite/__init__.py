@@ -12,7 +12,9 @@ The pieces, one module per job:
 * :mod:`tqslite.allocation` -- cost tables, the knapsack solvers, plans, Pareto fronts;
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
-* :mod:`tqslite.emulators` -- small learned emulators of the reference systems.
+* :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
+* :mod:`tqslite.baselines` -- GPTQ and the other sensitivity scores TQS is compared with;
+* :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables.
 """
 
 from .activations import calibrate, probe_activations, quantized_activations
