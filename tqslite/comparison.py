@@ -194,9 +194,11 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     """Every method's quantized copy of the model at every budget.
 
     Returns ``(models, info)``: ``models[(method, budget_label)]`` is a system; ``info`` a
-    Dataset with dims ``scheme`` (the methods) and ``budget`` holding ``bits_per_param``, ``quantize_seconds``
-    (applying a plan, or running GPTQ) and ``solve_seconds`` (the allocator), and
-    ``table_seconds(scheme, grid)`` (pricing the options of a score set once per grid).
+    Dataset with dims ``scheme`` (the methods) and ``budget`` holding ``bits_per_param``,
+    ``quantize_seconds`` (applying a plan, or running GPTQ), ``solve_seconds`` (the allocator)
+    and ``size_shortfall`` (``1 - size / budget``), and ``table_seconds(scheme, grid)`` (pricing
+    the options of a score set, once per grid). ``gptq_kwargs`` go to
+    :func:`tqslite.baselines.gptq_quantize` (e.g. ``act_order=True``).
     """
     system = bench.system
     budgets = [(int(b), str(g)) for b, g in budgets]
@@ -213,27 +215,23 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
             objective = scores[m].attrs.get("objective", "linear")  # HAWQ-V2's is quadratic
             tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[m], system, options, objective,
                                                               **setting[g])
-    uniform = {}
-    for g in grids:  # pricing of the uniform plans, shared by RTN and (as its size) GPTQ
+    for g in grids:  # uniform plans need only the units and sizes: any score set's units will do
         tables["rtn", g], t_sec[METHODS.index("rtn"), grids.index(g)] = _timed(
             cost_table, scores["tqs"], system, sorted({b for b, _ in budgets}), **setting[g])
     bar = tqdm(total=len(METHODS) * len(budgets), desc=f"{bench.name}: quantized models", disable=not progress)
     for k, ((bits, g), label) in enumerate(zip(budgets, labels)):
-        uniform[label] = uniform_plan(tables["rtn", g], bits=bits)
-        target = uniform[label].bits_per_param
+        uniform = uniform_plan(tables["rtn", g], bits=bits)
         for i, m in enumerate(METHODS):
-            if m == "gptq":
+            if m == "gptq":  # stored exactly like the uniform RTN plan of the same settings
                 module, q_sec[i, k] = _timed(gptq_quantize, system.module, bench.calibration, bits,
                                              group_size=setting[g]["group_size"], **(gptq_kwargs or {}))
-                models[m, label] = type(system)(module)
-                bpp[i, k] = target  # stored exactly like the uniform RTN plan of the same settings
-                continue
-            if m == "rtn":
-                plan = uniform[label]
+                models[m, label], bpp[i, k] = type(system)(module), uniform.bits_per_param
             else:
-                plan, s_sec[i, k] = _timed(allocate, tables[m, g], budget_bits=target)
-            models[m, label], q_sec[i, k] = _timed(apply_plan, system, plan)
-            bpp[i, k] = plan.bits_per_param
+                plan = uniform
+                if m != "rtn":
+                    plan, s_sec[i, k] = _timed(allocate, tables[m, g], budget_bits=uniform.bits_per_param)
+                models[m, label], q_sec[i, k] = _timed(apply_plan, system, plan)
+                bpp[i, k] = plan.bits_per_param
             bar.update()
     bar.close()
     info = xr.Dataset(
