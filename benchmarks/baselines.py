@@ -5,8 +5,8 @@ Run:  .venv/bin/python benchmarks/baselines.py [--models pangu_lite,aurora_lite,
       (or `make baselines`; `make baselines SMOKE=1` for the quick version)
 
 For each shipped model, :func:`tqslite.comparison.compare` makes a quantized copy per method
-(TQS, one-step, Hessian/HAWQ-V2, range and random scores through the same allocator; GPTQ;
-uniform RTN) at 10 matched budgets (2, 3, 4, 6, 8 bits with per-channel or per-group scales),
+(TQS, one-step, Hessian/HAWQ-V2, range and random scores through the same allocator; GPTQ,
+and GPTQ with QEP's error propagation; uniform RTN) at 10 matched budgets (2, 3, 4, 6, 8 bits with per-channel or per-group scales),
 rolls every copy out on held-out data and times every stage, in one run. Printed, per model:
 
 1. the size match (the largest shortfall of a mixed plan below its budget);

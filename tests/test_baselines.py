@@ -176,3 +176,28 @@ def test_hessian_traces_at_or_below_zero_are_floored_not_free(mlp, x0):
     floor = float(per_param.min())
     b = mlp[0].bias.detach().double()
     assert float(s["gamma"].sel(unit="0.bias")) == pytest.approx(0.5 * float(torch.log(floor * b.pow(2).sum())))
+
+
+def test_error_propagation_is_the_least_squares_fit_to_the_float_outputs():
+    from tqslite.baselines import propagate_error
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 200, generator=g, dtype=torch.float64)
+    xq = x + 0.1 * torch.randn(10, 200, generator=g, dtype=torch.float64)  # what a quantized path delivers
+    star = propagate_error(w, x, xq, alpha=1.0, damp=1e-12)
+    lstsq = torch.linalg.lstsq(xq.T, (w @ x).T).solution.T  # argmin ||W X - W* X~||
+    assert torch.allclose(star, lstsq, atol=1e-8)
+    assert torch.allclose(propagate_error(w, x, xq, alpha=0.0), w)
+    assert torch.allclose(propagate_error(w, x, x, alpha=1.0), w)  # nothing to correct
+
+
+def test_gptq_with_error_propagation_tracks_the_float_model_better():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 16)).double()
+    calib = torch.randn(512, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    plain, qep = gptq_quantize(model, calib, 3), gptq_quantize(model, calib, 3, propagation=1.0)
+    assert torch.equal(plain[0].weight, qep[0].weight)  # the first layer has no upstream error to correct
+    with torch.no_grad():
+        ref = model(calib)
+        assert (qep(calib) - ref).norm() < (plain(calib) - ref).norm()
+    assert torch.equal(gptq_quantize(model, calib, 3, propagation=0.0)[2].weight, plain[2].weight)

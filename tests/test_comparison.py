@@ -49,6 +49,7 @@ def test_sizes_match_and_the_float_model_is_untouched(compared):
     # cannot always land within 1 % below (one bit on one tensor is a big step); the shipped models
     # do, checked in the command's test below.
     assert np.array_equal(bpp.sel(scheme="gptq"), bpp.sel(scheme="rtn"))
+    assert np.array_equal(bpp.sel(scheme="qep"), bpp.sel(scheme="rtn"))
     short = result["size_shortfall"].sel(scheme=list(C.MIXED))
     assert float(short.min()) >= 0 and float(short.max()) <= 0.02
     assert list(result["budget"].values) == ["2b/channel", "4b/channel", "3b/group"]
@@ -87,7 +88,7 @@ def test_cost_accounting(compared):
     np.testing.assert_allclose(result["point_seconds"], total / len(BUDGETS))
     assert float(result["point_vs_gptq"].sel(scheme="gptq")) == 1.0
     assert float(result["sensitivity_seconds"].sel(scheme="tqs")) > 0 and float(result["plain_seconds"]) > 0
-    assert (result["quantize_seconds"].sel(scheme="gptq") > 0).all()
+    assert (result["quantize_seconds"].sel(scheme=["gptq", "qep"]) > 0).all()
     summary = C.cost_summary(result)
     np.testing.assert_allclose(summary["probe_vs_plain"], result["sensitivity_seconds"] / result["plain_seconds"])
     # the ranking agreement of one-step scores with TQS is a proper correlation with its interval
@@ -171,7 +172,7 @@ def test_the_benchmark_command_writes_win_and_cost_tables(tmp_path):
     for name in cost["model"].values:
         wins = xr.load_dataset(out / f"wins_{name}.nc")
         assert set(np.unique(wins["outcome"].values)) <= {"win", "tie", "loss"}
-        assert set(wins["baseline"].values) == {"one_step", "hessian", "range", "random", "gptq", "rtn"}
+        assert set(wins["baseline"].values) == {"one_step", "hessian", "range", "random", "gptq", "qep", "rtn"}
         result = xr.load_dataset(out / f"comparison_{name}.nc")
         short = result["size_shortfall"].sel(scheme=list(C.MIXED))
         assert 0 <= float(short.min()) and float(short.max()) <= C.MATCH_TOLERANCE  # matched within 1 %

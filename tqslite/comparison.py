@@ -9,7 +9,8 @@ One call of :func:`compare` runs the whole comparison of SPEC section 5 on one m
    bits, one scale per output channel or per group of :data:`GROUP_SIZE`) fixes a stored size
    in bits per parameter, scales counted;
 3. **quantized models** at each budget: ``rtn`` itself, ``gptq`` on the same grid (stored
-   exactly like RTN, so the same size), and every score method through the same allocator
+   exactly like RTN, so the same size), ``qep`` (GPTQ with QEP's error propagation, ``alpha = 1``,
+   :func:`tqslite.baselines.gptq_quantize`) likewise, and every score method through the same allocator
    (:func:`tqslite.allocate`, exact solver, each score set with its own objective: linear for
    the probes, range and random, HAWQ-V2's quadratic for the Hessian) at the RTN size on the
    same grid, never above it (how far below is recorded in ``size_shortfall``);
@@ -47,7 +48,9 @@ from .stats import spearman_agreement
 #: Mixed-precision methods: their scores go through the same allocator.
 MIXED = ("tqs", "one_step", "hessian", "range", "random")
 #: Every method, in the order tables show them.
-METHODS = (*MIXED, "gptq", "rtn")
+METHODS = (*MIXED, "gptq", "qep", "rtn")
+#: Calibration-based methods, on the uniform RTN grid: GPTQ, and GPTQ with QEP's error propagation.
+CALIBRATED = {"gptq": 0.0, "qep": 1.0}
 #: The budgets, as the uniform RTN settings that fix each size: (bits, grid).
 BUDGETS = tuple((b, g) for g in ("channel", "group") for b in (2, 3, 4, 6, 8))
 #: Group length of the ``group`` grid (tensors it does not divide keep per-channel scales).
@@ -222,9 +225,10 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     for k, ((bits, g), label) in enumerate(zip(budgets, labels)):
         uniform = uniform_plan(tables["rtn", g], bits=bits)
         for i, m in enumerate(METHODS):
-            if m == "gptq":  # stored exactly like the uniform RTN plan of the same settings
+            if m in CALIBRATED:  # stored exactly like the uniform RTN plan of the same settings
                 module, q_sec[i, k] = _timed(gptq_quantize, system.module, bench.calibration, bits,
-                                             group_size=setting[g]["group_size"], **(gptq_kwargs or {}))
+                                             group_size=setting[g]["group_size"], propagation=CALIBRATED[m],
+                                             **(gptq_kwargs or {}))
                 models[m, label], bpp[i, k] = type(system)(module), uniform.bits_per_param
             else:
                 plan = uniform

@@ -16,6 +16,16 @@ match RTN's. Layers are processed in module order, each calibrated on the inputs
 from the already-quantized layers before it (the sequential variant). ``nn.Linear`` and
 ``nn.Conv1d/2d`` weights (grouped convolutions group by group) get GPTQ; every other parameter
 (biases, norms, embeddings, transposed convolutions) gets plain RTN at the same bits.
+
+**Error propagation (QEP, Arai and Ichikawa, 2025).** Sequential GPTQ fits each layer to the
+inputs ``X~`` the quantized layers before it give, but aims at ``W X~``, forgetting that the float
+model would have given ``X``. With ``propagation=alpha`` the layer's target is first moved
+towards what the float model computes, by the ridge least-squares step
+
+``W* = W + alpha W (X - X~) X~^T (X~ X~^T + lambda I)^-1``
+
+(``alpha = 1``: the ``W*`` that best maps ``X~`` to ``W X``; ``lambda`` is the same dampening),
+and GPTQ then quantizes ``W*`` on ``X~``. ``alpha = 0`` is plain GPTQ.
 """
 
 from __future__ import annotations
@@ -126,9 +136,23 @@ def gptq_layer(w: torch.Tensor, inputs: torch.Tensor, bits: int, group_size: int
 GPTQ_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def propagate_error(w: torch.Tensor, x_float: torch.Tensor, x_quant: torch.Tensor, alpha: float = 1.0,
+                    damp: float = 0.01) -> torch.Tensor:
+    """QEP's corrected target ``W + alpha W (X - X~) X~^T (X~ X~^T + lambda I)^-1`` (float64).
+
+    ``w`` is ``(out, in)``, ``x_float`` and ``x_quant`` are ``(in, n)``: the inputs the layer gets
+    from the float model and from the partly quantized one. ``lambda = damp * mean(diag(X~ X~^T))``.
+    """
+    W, X, Xq = w.detach().double(), x_float.double(), x_quant.double()
+    H = Xq @ Xq.T
+    lam = damp * float(torch.diag(H).mean())
+    H += (lam if lam > 0 else 1.0) * torch.eye(H.shape[0], dtype=H.dtype)
+    return W + alpha * torch.linalg.solve(H, Xq @ (X - Xq).T @ W.T).T
+
+
 def gptq_quantize(model: nn.Module, calibration: torch.Tensor, bits: int, group_size: int | None = None,
                   act_order: bool = False, damp: float = 0.01, symmetric: bool = True,
-                  batch_size: int = 64) -> nn.Module:
+                  batch_size: int = 64, propagation: float = 0.0) -> nn.Module:
     """A GPTQ-quantized copy of ``model`` (the model itself is untouched).
 
     Parameters
@@ -145,6 +169,9 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, bits: int, group_
         convolution (e.g. depthwise) is solved group by group.
     batch_size : int
         Calibration states per forward pass.
+    propagation : float
+        QEP's ``alpha`` (see the module docstring): 0 is GPTQ, 1 corrects each layer's target
+        fully for the error the quantized layers before it pass on.
 
     Returns
     -------
@@ -156,14 +183,18 @@ def gptq_quantize(model: nn.Module, calibration: torch.Tensor, bits: int, group_
     gran = "group" if group_size else "channel"
     batches = list(torch.as_tensor(calibration).split(batch_size))
     layers = [(name, m) for name, m in target.named_modules() if isinstance(m, GPTQ_LAYERS)]
-    for _, layer in layers:  # in module order: each sees the inputs the quantized layers before it give
+    for name, layer in layers:  # in module order: each sees the inputs the quantized layers before it give
         X = _layer_inputs(target, layer, batches)
-        W = layer.weight.flatten(1)
+        W = layer.weight.flatten(1).double()
         g = grid_for(tuple(W.shape), gran, 0, group_size)["group_size"]
         n_groups = getattr(layer, "groups", 1)  # a grouped conv: each group of outputs sees its own inputs
         rows, cols = W.shape[0] // n_groups, W.shape[1]
-        Q = torch.cat([gptq_layer(W[i * rows:(i + 1) * rows], X[i * cols:(i + 1) * cols], bits, g, act_order, damp,
-                                  symmetric) for i in range(n_groups)])
+        parts = [(W[i * rows:(i + 1) * rows], X[i * cols:(i + 1) * cols]) for i in range(n_groups)]
+        if propagation:
+            X_float = _layer_inputs(model, model.get_submodule(name), batches)
+            parts = [(propagate_error(w, X_float[i * cols:(i + 1) * cols], x, propagation, damp), x)
+                     for i, (w, x) in enumerate(parts)]
+        Q = torch.cat([gptq_layer(w, x, bits, g, act_order, damp, symmetric) for w, x in parts])
         with torch.no_grad():
             layer.weight.copy_(Q.reshape(layer.weight.shape))
     done = {f"{name}.weight" if name else "weight" for name, _ in layers}
