@@ -12,7 +12,8 @@ One call of :func:`compare` runs the whole comparison of SPEC section 5 on one m
    exactly like RTN, so the same size), ``qep`` (GPTQ with QEP's error propagation, ``alpha = 1``,
    :func:`tqslite.baselines.gptq_quantize`) likewise, and every score method through the same allocator
    (:func:`tqslite.allocate`, exact solver, each score set with its own objective: linear for
-   the probes, range and random, HAWQ-V2's quadratic for the Hessian) at the RTN size on the
+   the probes, range and random, HAWQ-V2's quadratic for the Hessian; and ``tqs_quadratic``, the
+   TQS scores with the quadratic objective, errors added in quadrature) at the RTN size on the
    same grid, never above it (how far below is recorded in ``size_shortfall``);
 4. **rollout errors** at every lead, per evaluation window, against the float model (what
    quantization adds) and against the truth, per variable (grids) or per station (series);
@@ -46,7 +47,10 @@ from .probe import probe
 from .stats import spearman_agreement
 
 #: Mixed-precision methods: their scores go through the same allocator.
-MIXED = ("tqs", "one_step", "hessian", "range", "random")
+MIXED = ("tqs", "tqs_quadratic", "one_step", "hessian", "range", "random")
+#: The score set and objective of each mixed method (``None``: the score set's own objective, which
+#: is ``linear`` for the probes, range and random, and HAWQ-V2's ``quadratic`` for the Hessian).
+SCORED_BY = {m: (m, None) for m in MIXED} | {"tqs_quadratic": ("tqs", "quadratic")}
 #: Every method, in the order tables show them.
 METHODS = (*MIXED, "gptq", "qep", "rtn")
 #: Calibration-based methods, on the uniform RTN grid: GPTQ, and GPTQ with QEP's error propagation.
@@ -169,7 +173,8 @@ def sensitivities(bench: Benchmark, granularity: str = "tensor", kind: str = "ga
                   n_hutchinson: int = 16, seed: int = 0, progress: bool = False, executor=None):
     """Scores of every mixed-precision method, and the wall seconds of each pass.
 
-    Returns ``(scores, seconds)``: two dicts keyed by :data:`MIXED`. ``tqs`` is the probe of
+    Returns ``(scores, seconds)``: two dicts keyed by score set (``tqs``, ``one_step``,
+    ``hessian``, ``range``, ``random``; ``tqs_quadratic`` uses ``tqs``'s). ``tqs`` is the probe of
     ``kind`` over ``bench.horizon`` steps; ``one_step`` the same probe over one step; the others
     come from :mod:`tqslite.baselines.scores`. ``executor`` goes to both probes.
     """
@@ -214,9 +219,10 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     models = {}
     tables = {}
     for m in MIXED:
+        key, objective = SCORED_BY[m]
+        objective = objective or scores[key].attrs.get("objective", "linear")
         for j, g in enumerate(grids):
-            objective = scores[m].attrs.get("objective", "linear")  # HAWQ-V2's is quadratic
-            tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[m], system, options, objective,
+            tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[key], system, options, objective,
                                                               **setting[g])
     for g in grids:  # uniform plans need only the units and sizes: any score set's units will do
         tables["rtn", g], t_sec[METHODS.index("rtn"), grids.index(g)] = _timed(
@@ -310,7 +316,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     mse = rollout_errors(bench, models, progress)
     _, plain = _timed(forecast, bench.system, bench.x_probe, bench.horizon)
     ds = info.assign(mse=mse)
-    sens = np.array([sens_seconds.get(m, 0.0) for m in METHODS])
+    sens = np.array([sens_seconds[SCORED_BY[m][0]] if m in SCORED_BY else 0.0 for m in METHODS])
     ds["sensitivity_seconds"] = ("scheme", sens, {"long_name": "wall seconds of the sensitivity pass"})
     ds["plain_seconds"] = ((), plain, {"long_name": "one float rollout of the probe states over T"})
     total = sens + ds["table_seconds"].sum("grid") + ds["solve_seconds"].sum("budget") + ds["quantize_seconds"].sum("budget")
@@ -321,7 +327,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     ds["gamma"] = (("scheme", "unit"), np.array([[float(scores[m]["gamma"].sel(unit=u)) if m in scores else np.nan
                                                   for u in units] for m in METHODS]))
     ds = ds.assign_coords(unit=units)
-    rho = {m: spearman_agreement(scores["tqs"], scores[m], n_boot=n_boot, seed=seed) for m in MIXED if m != "tqs"}
+    rho = {m: spearman_agreement(scores["tqs"], scores[m], n_boot=n_boot, seed=seed) for m in scores if m != "tqs"}
     for key, name in (("rho", "rho_vs_tqs"), ("lo", "rho_lo"), ("hi", "rho_hi")):
         ds[name] = ("scheme", [rho[m][key] if m in rho else np.nan for m in METHODS])
     ds.attrs = dict(model=bench.name, horizon=bench.horizon, per=bench.per, granularity=granularity, kind=kind,
@@ -461,6 +467,6 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
     )
 
 
-__all__ = ["BUDGETS", "Benchmark", "GROUP_SIZE", "METHODS", "MIXED", "OPTIONS", "benchmark", "compare",
-           "cost_summary", "quantized_models", "ranking_stability", "rmse_table", "rollout_errors", "sensitivities",
-           "tally", "win_table"]
+__all__ = ["BUDGETS", "Benchmark", "CALIBRATED", "GROUP_SIZE", "MATCH_TOLERANCE", "METHODS", "MIXED", "OPTIONS",
+           "SCORED_BY", "benchmark", "compare", "cost_summary", "quantized_models", "ranking_stability", "rmse_table",
+           "rollout_errors", "sensitivities", "tally", "win_table"]
