@@ -10,12 +10,14 @@ and GPTQ with QEP's error propagation; uniform RTN) at 10 matched budgets (2, 3,
 rolls every copy out on held-out data and times every stage, in one run. Printed, per model:
 
 1. the size match (the largest shortfall of a mixed plan below its budget);
-2. the win table of TQS against each method per budget: wins / ties / losses over the
+2. the RMSE against the float model at the horizon of every method and budget (mean over the
+   variables or stations), with the lowest marked;
+3. the win table of TQS against each method per budget: wins / ties / losses over the
    variables (grids) or stations (series), against the float model and against the truth,
    with paired bootstrap intervals over windows (a tie when the interval of the error ratio
    contains 1);
-3. Spearman's rho of each method's unit ranking against TQS (Hessian included);
-4. the stability of the TQS ranking across periods and data sets (rho with intervals);
+4. Spearman's rho of each method's unit ranking against TQS (Hessian included);
+5. the stability of the TQS ranking across periods and data sets (rho with intervals);
 
 and for all models: the cost table, wall seconds and ratios (probe against plain inference,
 time per Pareto point against GPTQ) measured in this run.
@@ -66,6 +68,11 @@ def print_model(result, wins, stability) -> None:
     short = result["size_shortfall"].sel(scheme=list(C.MIXED))
     print(f"size match: every mixed plan within {100 * float(short.max()):.3f}% below its budget "
           f"(tolerance {100 * C.MATCH_TOLERANCE:.0f}%), never above")
+    mean = C.rmse_table(result).mean(per).to_pandas().T  # (budget, scheme), normalised units
+    print(f"\nRMSE against the float model at lead T, mean over {per}s (normalised units; * marks the lowest):")
+    marked = pd.DataFrame([[f"{v:.4f}{'*' if v == row.min() else ' '}" for v in row] for _, row in mean.iterrows()],
+                          index=mean.index, columns=mean.columns)
+    print(marked.to_string())
     for against in ("float", "truth"):
         t = C.tally(wins.sel(against=against))
         table = pd.DataFrame({b: [f"{int(t['win'].sel(budget=k, baseline=b))}/{int(t['tie'].sel(budget=k, baseline=b))}/"
@@ -74,7 +81,7 @@ def print_model(result, wins, stability) -> None:
         table.insert(0, "bits/param", wins["bits_per_param"].sel(against=against).values.round(3))
         print(f"\nTQS vs each method, against the {against}: wins/ties/losses over {wins.sizes[per]} {per}s")
         print(table.to_string())
-    rho = result[["rho_vs_tqs", "rho_lo", "rho_hi"]].sel(scheme=[m for m in C.MIXED if m != "tqs"]).to_dataframe()
+    rho = result[["rho_vs_tqs", "rho_lo", "rho_hi"]].to_dataframe().dropna()  # the other score sets
     print("\nSpearman rho of each method's unit ranking against TQS (95% interval):")
     print(rho[["rho_vs_tqs", "rho_lo", "rho_hi"]].round(3).to_string())
     st = stability[["rho", "lo", "hi"]].to_dataframe()
