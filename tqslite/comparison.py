@@ -110,7 +110,7 @@ class Benchmark:
 
 
 def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None, n_eval: int | None = None,
-              n_calibration: int = 64, n_loss_batches: int = 4, loss_batch_size: int = 16, seed: int = 0,
+              n_calibration: int = 32, n_loss_batches: int = 4, loss_batch_size: int = 16, seed: int = 0,
               prep=None) -> Benchmark:
     """The :class:`Benchmark` of a shipped model, from its shipped data.
 
@@ -118,7 +118,9 @@ def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None,
     data, GPTQ calibration inputs and Hessian training pairs from the training period; the loss
     is the model's one-step training loss (:mod:`tqslite.train`). Defaults: grids ``T = 12``
     steps (3 days), 16 probe states, 32 evaluation windows; series ``T = 8`` patches (32 days),
-    256 probe windows, 1200 evaluation windows (100 per station).
+    256 probe windows, 1200 evaluation windows (100 per station); 32 calibration states (for a
+    grid model, 32 x 2048 grid points feed each convolution: ample for its ``H``, and half the
+    time of 64 for ``aurora_lite``).
     """
     from .models import load, module_of
     from .train import heldout_windows, prepare, probe_states
