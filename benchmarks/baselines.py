@@ -42,18 +42,11 @@ from tqslite import comparison as C
 from tqslite.cli import _write_atomic
 from tqslite.models import MODELS
 
-#: SMOKE: a quick pass of the same code (a few windows, 3 budgets) -- its numbers are rough.
-SMOKE = dict(horizon=4, n_probe=4, n_eval=8, n_calibration=16, n_loss_batches=1, loss_batch_size=8)
-SMOKE_SERIES = dict(SMOKE, n_probe=32, n_eval=96)
-SMOKE_BUDGETS = ((3, "channel"), (4, "channel"), (4, "group"))
-
-
 def run_model(name: str, smoke: bool, seed: int, progress: bool):
     """The comparison, its win tables and the ranking stability of one model."""
-    series = MODELS[name].LAYOUT == "series"
-    kw = (SMOKE_SERIES if series else SMOKE) if smoke else {}
+    kw = C.smoke_settings(name) if smoke else {}
     bench = C.benchmark(name, seed=seed, **kw)
-    result = C.compare(bench, budgets=SMOKE_BUDGETS if smoke else C.BUDGETS, n_hutchinson=4 if smoke else 16,
+    result = C.compare(bench, budgets=C.SMOKE_BUDGETS if smoke else C.BUDGETS, n_hutchinson=4 if smoke else 16,
                        n_boot=200 if smoke else 1000, seed=seed, progress=progress)
     wins = xr.concat([C.win_table(result, against=a, n_boot=200 if smoke else 1000, seed=seed)
                       for a in ("float", "truth")], dim=pd.Index(["float", "truth"], name="against"))
@@ -92,7 +85,7 @@ def print_model(result, wins, stability) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated shipped models")
-    p.add_argument("--smoke", action="store_true", help="quick run: a few windows, 3 budgets")
+    p.add_argument("--smoke", action="store_true", help="quick run: a few windows, 2 budgets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")

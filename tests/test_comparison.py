@@ -104,7 +104,12 @@ def test_cost_accounting(compared):
     assert float(result["sensitivity_seconds"].sel(scheme="tqs")) > 0 and float(result["plain_seconds"]) > 0
     assert (result["quantize_seconds"].sel(scheme=["gptq", "qep"]) > 0).all()
     summary = C.cost_summary(result)
-    np.testing.assert_allclose(summary["probe_vs_plain"], result["sensitivity_seconds"] / result["plain_seconds"])
+    np.testing.assert_allclose(summary["probe_vs_plain"].sel(scheme="tqs"),
+                               result["sensitivity_seconds"].sel(scheme="tqs") / result["plain_seconds"])
+    assert summary["probe_vs_plain"].sel(scheme=["gptq", "qep", "rtn"]).isnull().all()  # no sensitivity pass
+    # the Hessian pass's traces come with the result, and which of them were floored
+    assert result["hessian_trace"].sizes["unit"] == result.sizes["unit"]
+    assert result["hessian_floored"].dtype == bool
     # the ranking agreement of one-step scores with TQS is a proper correlation with its interval
     rho = result["rho_vs_tqs"].sel(scheme="one_step")
     assert -1 <= float(result["rho_lo"].sel(scheme="one_step")) <= float(rho) <= float(result["rho_hi"].sel(scheme="one_step")) <= 1

@@ -45,6 +45,7 @@ from .baselines.scores import hessian_scores, one_step_scores, random_scores, ra
 from .evaluation import _mean, forecast
 from .probe import probe
 from .stats import spearman_agreement
+from .systems import as_system, rollout
 
 #: Mixed-precision methods: their scores go through the same allocator.
 MIXED = ("tqs", "tqs_quadratic", "one_step", "hessian", "range", "random")
@@ -63,6 +64,18 @@ GROUP_SIZE = 32
 OPTIONS = (2, 3, 4, 5, 6, 8, 16, 32)
 #: Largest shortfall of a mixed plan's size below its budget, as a fraction.
 MATCH_TOLERANCE = 0.01
+
+
+#: A quick pass of the same code (notebook 10's SMOKE mode, ``benchmarks/baselines.py --smoke``):
+#: a few windows, a short horizon, two budgets. Its numbers are rough.
+SMOKE_BUDGETS = ((3, "channel"), (4, "group"))
+
+
+def smoke_settings(name: str) -> dict:
+    """:func:`benchmark` keyword arguments of the quick SMOKE pass for shipped model ``name``."""
+    from .models import module_of
+    quick = dict(horizon=4, n_probe=4, n_eval=8, n_calibration=16, n_loss_batches=1, loss_batch_size=8)
+    return quick | (dict(n_probe=32, n_eval=96) if module_of(name).LAYOUT == "series" else {})
 
 
 @dataclass
@@ -307,20 +320,23 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
         ``mse(scheme, budget, against, window, lead[, variable])`` (:func:`rollout_errors`);
         ``bits_per_param``, ``size_shortfall`` and the timings of :func:`quantized_models`;
         ``sensitivity_seconds(scheme)``, ``plain_seconds`` (one float rollout of the probe
-        states over ``T``), ``point_seconds(scheme)`` (everything a method spends for all
+        states over ``T``, best of 3), ``point_seconds(scheme)`` (everything a method spends for all
         budgets, divided by their number: its time per Pareto point) and ``point_vs_gptq``;
-        ``gamma(scheme, unit)`` the scores (log sensitivities) and ``rho_vs_tqs(scheme)`` with
+        ``gamma(scheme, unit)`` the scores (log sensitivities), ``hessian_trace(unit)`` and
+        ``hessian_floored(unit)`` (traces <= 0 that were floored), and ``rho_vs_tqs(scheme)`` with
         ``rho_lo``/``rho_hi``: Spearman's rho of each method's unit ranking against TQS's.
     """
     scores, sens_seconds = sensitivities(bench, granularity, kind, n_hutchinson=n_hutchinson, seed=seed,
                                          progress=progress, executor=executor)
     models, info = quantized_models(bench, scores, budgets, group_size, options, progress=progress)
     mse = rollout_errors(bench, models, progress)
-    _, plain = _timed(forecast, bench.system, bench.x_probe, bench.horizon)
+    system = as_system(bench.system)
+    with system.evaluating():  # what the probe's reference rollout is: no labelling, best of 3
+        plain = min(_timed(rollout, system, bench.x_probe, bench.horizon)[1] for _ in range(3))
     ds = info.assign(mse=mse)
     sens = np.array([sens_seconds[SCORED_BY[m][0]] if m in SCORED_BY else 0.0 for m in METHODS])
     ds["sensitivity_seconds"] = ("scheme", sens, {"long_name": "wall seconds of the sensitivity pass"})
-    ds["plain_seconds"] = ((), plain, {"long_name": "one float rollout of the probe states over T"})
+    ds["plain_seconds"] = ((), plain, {"long_name": "one float rollout of the probe states over T, best of 3"})
     total = sens + ds["table_seconds"].sum("grid") + ds["solve_seconds"].sum("budget") + ds["quantize_seconds"].sum("budget")
     ds["point_seconds"] = total / ds.sizes["budget"]
     ds["point_seconds"].attrs["long_name"] = "seconds per Pareto point (sensitivity, pricing, solving, quantizing)"
@@ -329,6 +345,10 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     ds["gamma"] = (("scheme", "unit"), np.array([[float(scores[m]["gamma"].sel(unit=u)) if m in scores else np.nan
                                                   for u in units] for m in METHODS]))
     ds = ds.assign_coords(unit=units)
+    ds["hessian_trace"] = ("unit", scores["hessian"]["trace"].sel(unit=units).values,
+                           {"long_name": "Hutchinson estimate of tr(H_u) of the training loss"})
+    ds["hessian_floored"] = ("unit", scores["hessian"]["floored"].sel(unit=units).values,
+                             {"long_name": "trace estimate <= 0, floored (tqslite.baselines.hessian_scores)"})
     rho = {m: spearman_agreement(scores["tqs"], scores[m], n_boot=n_boot, seed=seed) for m in scores if m != "tqs"}
     for key, name in (("rho", "rho_vs_tqs"), ("lo", "rho_lo"), ("hi", "rho_hi")):
         ds[name] = ("scheme", [rho[m][key] if m in rho else np.nan for m in METHODS])
@@ -422,7 +442,8 @@ def cost_summary(result: xr.Dataset) -> xr.Dataset:
     """
     return xr.Dataset({
         "sensitivity_seconds": result["sensitivity_seconds"],
-        "probe_vs_plain": result["sensitivity_seconds"] / result["plain_seconds"],
+        "probe_vs_plain": (result["sensitivity_seconds"] / result["plain_seconds"]).where(
+            result["sensitivity_seconds"] > 0),  # NaN: no sensitivity pass (GPTQ, QEP, RTN)
         "quantize_seconds_mean": result["quantize_seconds"].mean("budget"),
         "solve_seconds_mean": result["solve_seconds"].mean("budget"),
         "point_seconds": result["point_seconds"],
@@ -470,5 +491,5 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
 
 
 __all__ = ["BUDGETS", "Benchmark", "CALIBRATED", "GROUP_SIZE", "MATCH_TOLERANCE", "METHODS", "MIXED", "OPTIONS",
-           "SCORED_BY", "benchmark", "compare", "cost_summary", "quantized_models", "ranking_stability", "rmse_table",
+           "SCORED_BY", "SMOKE_BUDGETS", "smoke_settings", "benchmark", "compare", "cost_summary", "quantized_models", "ranking_stability", "rmse_table",
            "rollout_errors", "sensitivities", "tally", "win_table"]
