@@ -322,7 +322,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
         ``sensitivity_seconds(scheme)``, ``plain_seconds`` (one float rollout of the probe
         states over ``T``, best of 3), ``point_seconds(scheme)`` (everything a method spends for all
         budgets, divided by their number: its time per Pareto point) and ``point_vs_gptq``;
-        ``gamma(scheme, unit)`` the scores (log sensitivities), ``hessian_trace(unit)`` and
+        ``gamma(scheme, unit)`` the scores (log sensitivities), ``n_params(unit)``, ``hessian_trace(unit)`` and
         ``hessian_floored(unit)`` (traces <= 0 that were floored), and ``rho_vs_tqs(scheme)`` with
         ``rho_lo``/``rho_hi``: Spearman's rho of each method's unit ranking against TQS's.
     """
@@ -345,6 +345,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     ds["gamma"] = (("scheme", "unit"), np.array([[float(scores[m]["gamma"].sel(unit=u)) if m in scores else np.nan
                                                   for u in units] for m in METHODS]))
     ds = ds.assign_coords(unit=units)
+    ds["n_params"] = ("unit", scores["tqs"]["n_params"].sel(unit=units).values)
     ds["hessian_trace"] = ("unit", scores["hessian"]["trace"].sel(unit=units).values,
                            {"long_name": "Hutchinson estimate of tr(H_u) of the training loss"})
     ds["hessian_floored"] = ("unit", scores["hessian"]["floored"].sel(unit=units).values,
