@@ -122,8 +122,9 @@ def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=m
     The raw traces are in the variable ``trace``. The loss of a trained network is not convex,
     and the estimate is noisy: a unit whose estimated trace is <= 0 (often a norm's gain) would
     make quantization error look free or even welcome. Its ``trace_u / n_u`` is floored to the
-    smallest positive one of the model (flagged in ``floored``): least sensitive, not free. ``model`` must be an ``nn.Module`` (or a system with a
-    ``module``): gradients are needed, unlike for TQS.
+    smallest positive one of the model (flagged in ``floored``): least sensitive, not free.
+    ``model`` must be an ``nn.Module`` (or a system with a ``module``): gradients are needed,
+    unlike for TQS.
     """
     system = as_system(model)
     module = getattr(system, "module", None)
