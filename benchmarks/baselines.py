@@ -33,7 +33,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
@@ -42,16 +41,18 @@ from tqslite import comparison as C
 from tqslite.cli import _write_atomic
 from tqslite.models import MODELS
 
+
 def run_model(name: str, smoke: bool, seed: int, progress: bool):
     """The comparison, its win tables and the ranking stability of one model."""
     kw = C.smoke_settings(name) if smoke else {}
+    n_boot = 200 if smoke else 1000
     bench = C.benchmark(name, seed=seed, **kw)
     result = C.compare(bench, budgets=C.SMOKE_BUDGETS if smoke else C.BUDGETS, n_hutchinson=4 if smoke else 16,
-                       n_boot=200 if smoke else 1000, seed=seed, progress=progress)
-    wins = xr.concat([C.win_table(result, against=a, n_boot=200 if smoke else 1000, seed=seed)
-                      for a in ("float", "truth")], dim=pd.Index(["float", "truth"], name="against"))
-    stability = C.ranking_stability(name, n=kw.get("n_probe"), horizon=kw.get("horizon"),
-                                    n_boot=200 if smoke else 1000, seed=seed, progress=progress)
+                       n_boot=n_boot, seed=seed, progress=progress)
+    wins = xr.concat([C.win_table(result, against=a, n_boot=n_boot, seed=seed) for a in ("float", "truth")],
+                     dim=pd.Index(["float", "truth"], name="against"))
+    stability = C.ranking_stability(name, n=kw.get("n_probe"), horizon=kw.get("horizon"), n_boot=n_boot, seed=seed,
+                                    progress=progress)
     return result, wins, stability
 
 

@@ -65,6 +65,8 @@ def test_errors_are_those_of_the_quantized_rollouts(compared):
         expected = ((fc - target) ** 2).transpose("window", "lead", "variable").values
         got = result["mse"].sel(scheme="rtn", budget="4b/channel", against=against).values
         np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(C.float_rmse(result).values,  # the float model's own error against the truth
+                               np.sqrt(((ref - bench.truth) ** 2).sel(lead=3).mean("window").values), rtol=1e-12)
     table = C.rmse_table(result)
     np.testing.assert_allclose(table.sel(scheme="rtn", budget="4b/channel").values,
                                np.sqrt(((fc - ref) ** 2).sel(lead=3).mean("window").values), rtol=1e-12)

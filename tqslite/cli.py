@@ -65,16 +65,11 @@ def _model(name: str, backend: str = "torch"):
     return models.load(name, backend=backend)
 
 
-def initial_states(name: str, n: int, horizon: int, seed: int = 0):
-    """``(x0, truth)`` of model ``name`` from its held-out data: :func:`tqslite.train.heldout_windows`."""
-    from .train import heldout_windows
-    return heldout_windows(name, n, horizon, seed)
-
-
 def _cmd_probe(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
-    x0, _ = initial_states(a.model, a.windows, a.horizon, a.seed)
+    from .train import heldout_windows
+    x0, _ = heldout_windows(a.model, a.windows, a.horizon, a.seed)
     scores = tqslite.probe(system, x0.values, kind=a.kind, granularity=a.granularity, horizon=a.horizon,
                            bits=a.bits, sigma_rel=a.sigma_rel, seed=a.seed, depth=a.depth, progress=not a.quiet)
     scores.attrs.update(model=a.model, backend=a.backend)
@@ -114,8 +109,9 @@ def _cmd_evaluate(a) -> None:
     import tqslite
     from .evaluation import compare_plans
     from .models import module_of
+    from .train import heldout_windows
     system, _ = _model(a.model, a.backend)
-    x0, truth = initial_states(a.model, a.windows, a.horizon, a.seed)
+    x0, truth = heldout_windows(a.model, a.windows, a.horizon, a.seed)
     plans = {p.stem: tqslite.Plan.load(p) for p in a.plans}
     for bits in a.uniform or []:
         scores = tqslite.probe(system, x0.values[:1], horizon=1, progress=False)

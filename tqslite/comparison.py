@@ -317,7 +317,8 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     Returns
     -------
     xarray.Dataset
-        ``mse(scheme, budget, against, window, lead[, variable])`` (:func:`rollout_errors`);
+        ``mse(scheme, budget, against, window, lead[, variable])`` (:func:`rollout_errors`) and
+        the float model's own ``float_mse(window, lead[, variable])`` against the truth;
         ``bits_per_param``, ``size_shortfall`` and the timings of :func:`quantized_models`;
         ``sensitivity_seconds(scheme)``, ``plain_seconds`` (one float rollout of the probe
         states over ``T``, best of 3), ``point_seconds(scheme)`` (everything a method spends for all
@@ -330,10 +331,13 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
                                          progress=progress, executor=executor)
     models, info = quantized_models(bench, scores, budgets, group_size, options, progress=progress)
     mse = rollout_errors(bench, models, progress)
+    float_mse = rollout_errors(bench, {("float", "none"): bench.system}).sel(
+        scheme="float", budget="none", against="truth", drop=True)
     system = as_system(bench.system)
     with system.evaluating():  # what the probe's reference rollout is: no labelling, best of 3
         plain = min(_timed(rollout, system, bench.x_probe, bench.horizon)[1] for _ in range(3))
-    ds = info.assign(mse=mse)
+    ds = info.assign(mse=mse, float_mse=float_mse)
+    ds["float_mse"].attrs = {"long_name": "the float model's own mean squared error against the truth, per window"}
     sens = np.array([sens_seconds[SCORED_BY[m][0]] if m in SCORED_BY else 0.0 for m in METHODS])
     ds["sensitivity_seconds"] = ("scheme", sens, {"long_name": "wall seconds of the sensitivity pass"})
     ds["plain_seconds"] = ((), plain, {"long_name": "one float rollout of the probe states over T, best of 3"})
@@ -365,9 +369,9 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
 # Reading the results
 # --------------------------------------------------------------------------------------------
 
-def _targets(result: xr.Dataset, mse: xr.DataArray):
+def _targets(per: str, mse: xr.DataArray):
     """``[(label, mse over the target's windows)]``: one per variable, or per station."""
-    if result.attrs.get("per") == "station":
+    if per == "station":
         st = mse["station"].values.astype(str)
         return [(s, mse.isel(window=np.flatnonzero(st == s))) for s in dict.fromkeys(st)]
     if "variable" in mse.dims:
@@ -375,13 +379,25 @@ def _targets(result: xr.Dataset, mse: xr.DataArray):
     return [("all", mse)]
 
 
+def _rmse_per_target(mse: xr.DataArray, per: str) -> xr.DataArray:
+    """``sqrt`` of the mean over each target's windows, with the target as the last dim."""
+    parts = [np.sqrt(m.mean("window")).expand_dims({per: [t]}) for t, m in _targets(per, mse)]
+    return xr.concat(parts, per).transpose(..., per)
+
+
 def rmse_table(result: xr.Dataset, against: str = "float", lead: int | None = None) -> xr.DataArray:
     """RMSE at ``lead`` (default: the horizon) per method, budget and variable (or station)."""
     mse = result["mse"].sel(against=against, lead=lead or result.attrs["horizon"])
-    per = result.attrs.get("per", "variable")
-    parts = [np.sqrt(m.mean("window")).expand_dims({per: [t]}) for t, m in _targets(result, mse)]
-    out = xr.concat(parts, per).transpose("scheme", "budget", per)
+    out = _rmse_per_target(mse, result.attrs.get("per", "variable")).transpose("scheme", "budget", ...)
     out.name = f"rmse_vs_{against}"
+    return out
+
+
+def float_rmse(result: xr.Dataset, lead: int | None = None) -> xr.DataArray:
+    """The float model's own RMSE against the truth at ``lead``, per variable (or station)."""
+    out = _rmse_per_target(result["float_mse"].sel(lead=lead or result.attrs["horizon"]),
+                           result.attrs.get("per", "variable"))
+    out.name = "float_rmse_vs_truth"
     return out
 
 
@@ -402,7 +418,7 @@ def win_table(result: xr.Dataset, reference: str = "tqs", against: str = "float"
     others = [m for m in result["scheme"].values if m != reference]
     rng = np.random.default_rng(seed)
     alpha = (1 - ci) / 2
-    targets = _targets(result, mse)
+    targets = _targets(per, mse)
     ratio, lo, hi = (np.full((mse.sizes["budget"], len(others), len(targets)), np.nan) for _ in range(3))
     for t, (_, m) in enumerate(targets):
         idx = rng.integers(0, m.sizes["window"], size=(n_boot, m.sizes["window"]))
@@ -492,5 +508,5 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
 
 
 __all__ = ["BUDGETS", "Benchmark", "CALIBRATED", "GROUP_SIZE", "MATCH_TOLERANCE", "METHODS", "MIXED", "OPTIONS",
-           "SCORED_BY", "SMOKE_BUDGETS", "smoke_settings", "benchmark", "compare", "cost_summary", "quantized_models", "ranking_stability", "rmse_table",
-           "rollout_errors", "sensitivities", "tally", "win_table"]
+           "SCORED_BY", "SMOKE_BUDGETS", "benchmark", "compare", "cost_summary", "float_rmse", "quantized_models",
+           "ranking_stability", "rmse_table", "rollout_errors", "sensitivities", "smoke_settings", "tally", "win_table"]
