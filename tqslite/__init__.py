@@ -22,6 +22,8 @@ from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .probe import gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
+from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options, parse
+from .quantizers import RTN, MSEClip, QuantizedWeights, Quantizer, as_quantizer
 from .stats import bootstrap_gamma, spearman, spearman_agreement
 from .systems import Lorenz63, Lorenz96, TorchSystem, WindowedSystem, as_system, rollout
 from .units import Unit, make_units

@@ -78,7 +78,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .probe import D_FLOOR, as_states, assemble_scores, reference_rollout, rollout_divergence, unit_seed
-from .quantization import FP16_MAX, check_bits, fp16_ceil
+from .config import Int
+from .quantization import FP16_MAX, fp16_ceil
 from .systems import as_system
 from .units import Unit
 
@@ -156,6 +157,17 @@ def _channels(module: nn.Module) -> tuple[int, int]:
 # The quantizer: an asymmetric RTN grid over a per-sample range
 # --------------------------------------------------------------------------------------------
 
+def check_bits(bits) -> int:
+    """An activation bit width: 1-8 (an asymmetric integer grid), 16 (float16) or 32 (unchanged)."""
+    if bits in (16, 32) and not isinstance(bits, bool) and int(bits) == bits:
+        return int(bits)
+    try:
+        return Int(bits, symmetric=False).bits
+    except ValueError:
+        raise ValueError(f"bits={bits!r} is not supported for activations: use an integer in 1-8, or 16 (float16) "
+                         "or 32 (unchanged).") from None
+
+
 def activation_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of the asymmetric grid over per-sample ranges.
 
@@ -202,7 +214,7 @@ def fake_quantize(y: torch.Tensor, lo, hi, bits: int) -> torch.Tensor:
         Same shape and dtype as ``y``. Elements inside the widened range move by at most
         ``scale / 2``; elements outside it are clipped to the nearest end of the grid.
     """
-    return _fake_quantize(y, lo, hi, check_bits(bits, symmetric=False))[0]
+    return _fake_quantize(y, lo, hi, check_bits(bits))[0]
 
 
 def _fake_quantize(y, lo, hi, bits, count: bool = False):
@@ -523,14 +535,14 @@ def _bits_per_module(model, bits, modules) -> tuple[dict, dict]:
     """``(targets, {name: bits})``; a ``{name or pattern: bits}`` mapping selects the layers itself."""
     if not isinstance(bits, Mapping):
         targets = quantizable_modules(model, modules)
-        b = check_bits(bits, symmetric=False)
+        b = check_bits(bits)
         return targets, {n: b for n in targets}
     if modules is not None:
         raise ValueError("pass either modules=... or a {module: bits} mapping, not both.")
     per_bits = {}
     for key, b in bits.items():   # later keys override earlier ones
         for n in quantizable_modules(model, [key]):
-            per_bits[n] = check_bits(b, symmetric=False)
+            per_bits[n] = check_bits(b)
     targets = quantizable_modules(model, list(per_bits))
     return targets, {n: per_bits[n] for n in targets}
 

@@ -32,7 +32,7 @@ import xarray as xr
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .quantization import check_bits, grid_for, relative_error, rtn_quantize, storage_bits
+from .quantization import relative_error, rtn_quantize, storage_bits
 from .systems import as_system
 from .units import Unit
 

@@ -28,7 +28,9 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .quantization import check_bits, check_finite, rtn_quantize
+from .quantization import check_finite, rtn_quantize
+from .config import Int as _Int
+check_bits = lambda b, symmetric=True: _Int(b, symmetric=symmetric).bits  # noqa: E731  (temporary)
 from .systems import as_system, rollout, swapped
 from .units import Unit, check_units, make_units
 

@@ -35,7 +35,7 @@ import copy
 import torch
 from torch import nn
 
-from ..quantization import _quantize_rows, check_bits, grid_for, rtn_quantize
+from ..quantization import rtn_quantize
 from ..systems import TorchSystem
 
 
