@@ -1,92 +1,13 @@
-"""The allocator: exact against brute force, greedy feasible, constraints, plans applied to models."""
-
-import itertools
-import json
+"""The allocator: cost tables priced with the applied quantizer, budgets, constraints, fronts."""
 
 import numpy as np
 import pytest
 import torch
-from conftest import same_weights, snapshot
 
 import tqslite
-from tqslite import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, probe, solve_mckp
-from tqslite.quantization import QuantizedTensor
-
-
-def brute_force(costs, sizes, budget, allowed=None, extra=()):
-    best, arg = np.inf, None
-    U, K = costs.shape
-    for choice in itertools.product(range(K), repeat=U):
-        idx = (np.arange(U), np.array(choice))
-        if allowed is not None and not allowed[idx].all():
-            continue
-        if sizes[idx].sum() > budget or any(w[idx].sum() > lim for w, lim in extra):
-            continue
-        if costs[idx].sum() < best:
-            best, arg = costs[idx].sum(), np.array(choice)
-    return best, arg
-
-
-def random_instance(rng, U=5, K=4):
-    sizes = np.sort(rng.integers(1, 40, size=(U, K)), axis=1).astype(float)
-    costs = np.sort(rng.random((U, K)) * rng.choice([1e-3, 1.0, 1e3], size=(U, 1)), axis=1)[:, ::-1].copy()
-    lo, hi = sizes.min(1).sum(), sizes.max(1).sum()
-    return costs, sizes, rng.uniform(lo, hi)
-
-
-def test_milp_equals_brute_force_and_greedy_is_feasible(rng):
-    gaps = []
-    for _ in range(40):
-        costs, sizes, budget = random_instance(rng)
-        best, _ = brute_force(costs, sizes, budget)
-        exact = solve_mckp(costs, sizes, budget, "milp")
-        idx = (np.arange(len(exact)), exact)
-        assert sizes[idx].sum() <= budget
-        assert costs[idx].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
-        greedy = solve_mckp(costs, sizes, budget, "greedy")
-        gidx = (np.arange(len(greedy)), greedy)
-        assert sizes[gidx].sum() <= budget  # greedy never breaks the constraint
-        assert costs[gidx].sum() >= best - 1e-12  # and never beats the optimum
-        gaps.append(costs[gidx].sum() / best - 1)
-    assert max(gaps) > 0  # on some instances greedy is measurably suboptimal: the exact solver matters
-
-
-def test_milp_equals_brute_force_with_masks_and_an_extra_constraint(rng):
-    for _ in range(20):
-        costs, sizes, budget = random_instance(rng)
-        allowed = rng.random(costs.shape) > 0.2
-        allowed[:, -1] = True
-        # like fp_budget: the parameters of units kept at their largest options
-        weights = (np.arange(costs.shape[1]) >= costs.shape[1] - 2) * rng.integers(1, 5, size=(costs.shape[0], 1))
-        extra = [(weights.astype(float), float(weights.sum(1).mean()))]
-        best, _ = brute_force(costs, sizes, budget, allowed, extra)
-        if not np.isfinite(best):
-            continue
-        exact = solve_mckp(costs, sizes, budget, "milp", allowed, extra)
-        idx = (np.arange(len(exact)), exact)
-        assert allowed[idx].all() and weights[idx].sum() <= extra[0][1]
-        assert costs[idx].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
-        greedy = solve_mckp(costs, sizes, budget, "greedy", allowed, extra)
-        gidx = (np.arange(len(greedy)), greedy)
-        assert allowed[gidx].all() and weights[gidx].sum() <= extra[0][1] and sizes[gidx].sum() <= budget
-
-
-def test_infeasible_budget_names_the_smallest_feasible_one():
-    costs = np.ones((3, 2))
-    sizes = np.array([[2.0, 4.0], [3.0, 5.0], [1.0, 9.0]])
-    with pytest.raises(InfeasibleBudget, match="smallest feasible budget is 6") as e:
-        solve_mckp(costs, sizes, 5.5)
-    assert e.value.smallest == 6.0
-    assert solve_mckp(costs, sizes, 6.0).tolist() == [0, 0, 0]
-
-
-def test_bad_tables_are_refused():
-    with pytest.raises(ValueError, match="same shape|one shape"):
-        solve_mckp(np.ones((2, 3)), np.ones((3, 2)), 10)
-    with pytest.raises(ValueError, match="NaN"):
-        solve_mckp(np.array([[np.nan, 1.0]]), np.ones((1, 2)), 10)
-    with pytest.raises(ValueError, match="solver"):
-        solve_mckp(np.ones((1, 2)), np.ones((1, 2)), 10, solver="cplex")
+from tqslite import (Float16, InfeasibleBudget, Int, KeepFloat, MSEClip, PerGroup, allocate, cost_table, pareto,
+                     plan_size, predicted_error, probe, uniform_plan)
+from tqslite.units import TensorUnits
 
 
 @pytest.fixture
@@ -94,40 +15,56 @@ def scored(mlp, x0):
     return probe(mlp, x0, horizon=8, progress=False)
 
 
+OPTS = (Int(2), Int(4), Int(8), KeepFloat())
+
+
+def total_cost(plan, table):
+    return sum(float(table["cost"].sel(unit=u, option=c.label)) for u, c in plan.items())
+
+
 def test_cost_table_matches_its_definitions(mlp, scored):
-    t = cost_table(scored, mlp, options=(2, 4, 8, 32))
-    w = mlp[2].weight
-    j4 = list(t["bits"].values).index(4)
-    assert t["size"].sel(unit="2.weight").values[j4] == w.numel() * 4 + 16 * w.shape[0]
-    assert t["eps"].sel(unit="2.weight").values[j4] == pytest.approx(tqslite.relative_error(w, 4))
+    t = cost_table(scored, mlp, options=OPTS, objective="linear")
+    assert list(t["option"].values) == ["int2/channel", "int4/channel", "int8/channel", "float"]
+    w = mlp[2].weight.detach()
+    row = t.sel(unit="2.weight", option="int4/channel")
+    assert row["size"] == w.numel() * 4 + 16 * w.shape[0]
+    assert row["eps"] == pytest.approx(tqslite.relative_error(w, 4), rel=1e-12)
     lam = float(scored["curve"].sel(unit="2.weight").isel(lead=-1))
-    assert t["cost"].sel(unit="2.weight").values[j4] == pytest.approx(tqslite.relative_error(w, 4) * np.exp(lam))
-    assert (t["cost"].sel(option=3) == 0).all()  # float32 costs nothing
-    q = cost_table(scored, mlp, options=(2, 4, 8, 32), objective="quadratic")
+    assert row["cost"] == pytest.approx(tqslite.relative_error(w, 4) * np.exp(lam), rel=1e-12)
+    assert (t["cost"].sel(option="float") == 0).all()  # float costs nothing
+    q = cost_table(scored, mlp, options=OPTS)  # the default objective: errors add in quadrature
+    assert q.attrs["objective"] == "quadratic"
     np.testing.assert_allclose(q["cost"], t["cost"] ** 2)
-    p = cost_table(scored, mlp, options=(2, 4, 8, 32), objective="paper")
+    p = cost_table(scored, mlp, options=OPTS, objective="paper")
     g = scored["gamma"].values
     np.testing.assert_allclose(p["cost"].values[:, 0], (g - g.min() + 0.01) * 0.25)
 
 
-def test_plan_meets_budget_and_its_size_is_the_packed_size(mlp, scored):
+def test_cost_table_prices_with_the_quantizer_that_will_be_applied(mlp, scored):
+    rtn = cost_table(scored, mlp, options=(Int(3),))
+    mse = cost_table(scored, mlp, options=(Int(3),), quantizer=MSEClip())
+    w = mlp[0].weight.detach()
+    q = MSEClip().quantize(w, Int(3).resolve(w.shape, 0)).dequantize()
+    assert float(mse["eps"].sel(unit="0.weight").item()) == pytest.approx(float((q - w).norm() / w.norm()), rel=1e-12)
+    assert np.all(mse["eps"].values <= rtn["eps"].values + 1e-15)  # MSE-clip never worse on the weights
+    np.testing.assert_array_equal(mse["size"], rtn["size"])  # the same bits, whatever the quantizer
+    assert mse.attrs["quantizer"].startswith("MSEClip(")
+
+
+def test_plan_meets_budget_and_is_ordered_like_the_units(mlp, scored):
     plan = allocate(scored, mlp, budget_bits=4.5)
-    assert list(plan) == list(scored["unit"].values)  # ordered like the units
-    assert plan.bits_per_param <= 4.5
-    packed = 0
-    params = dict(mlp.named_parameters())
-    for unit, bits in plan.items():
-        w = params[unit]
-        packed += (QuantizedTensor.from_tensor(w.detach(), bits).nbits if bits <= 8 else w.numel() * bits)
-    assert packed == plan.size_bits
+    assert list(plan) == list(scored["unit"].values)
+    assert plan_size(plan, mlp).bits_per_param <= 4.5
+    assert plan.info["objective"] == "quadratic" and plan.info["budget_bits"] == 4.5
 
 
 def test_exact_allocation_is_no_worse_than_greedy(mlp, scored):
+    table = cost_table(scored, mlp)
     for budget in (3.5, 4.5, 6.0):
-        exact = allocate(scored, mlp, budget_bits=budget)
-        greedy = allocate(scored, mlp, budget_bits=budget, solver="greedy")
-        assert exact.objective_value <= greedy.objective_value * (1 + 1e-9)
-        assert greedy.bits_per_param <= budget
+        exact = allocate(table, budget_bits=budget)
+        greedy = allocate(table, budget_bits=budget, solver="greedy")
+        assert total_cost(exact, table) <= total_cost(greedy, table) * (1 + 1e-9)
+        assert plan_size(greedy, mlp).bits_per_param <= budget
 
 
 def test_budget_forms_agree(mlp, scored):
@@ -135,7 +72,7 @@ def test_budget_forms_agree(mlp, scored):
     a = allocate(scored, mlp, budget_bits=4.0)
     b = allocate(scored, mlp, compression=8.0)
     c = allocate(scored, mlp, budget_bytes=n * 4 / 8)
-    assert dict(a) == dict(b) == dict(c)
+    assert a.configs == b.configs == c.configs
     with pytest.raises(ValueError, match="exactly one"):
         allocate(scored, mlp, budget_bits=4, compression=8)
 
@@ -147,89 +84,90 @@ def test_allocation_infeasible_budget_message(mlp, scored):
         allocate(scored, mlp, budget_bits=3.0, bottom=4)
 
 
+def test_parameters_outside_the_units_stay_float_and_count(mlp, x0):
+    no_bias = probe(mlp, x0, horizon=4, units=TensorUnits(exclude="*.bias"), progress=False)
+    biases = sum(p.numel() for n, p in mlp.named_parameters() if n.endswith("bias"))
+    n = sum(p.numel() for p in mlp.parameters())
+    table = cost_table(no_bias, mlp)
+    assert table.attrs["outside_bits"] == 64 * biases  # float64 model: 64 bits each
+    plan = allocate(table, budget_bits=6.0)
+    size = plan_size(plan, mlp)
+    assert size.outside_params == biases and size.n_params == n and size.bits_per_param <= 6.0
+    weights_bits = sum(c.storage_bits(plan.shapes[u], 0) for u, c in plan.items())
+    assert size.stored_bits == weights_bits + 64 * biases  # counted by hand
+    with pytest.raises(InfeasibleBudget, match="smallest feasible budget is"):
+        allocate(table, budget_bits=2.2)  # the float biases alone cost more than that leaves
+
+
 def test_bottom_tied_and_fp_budget_constraints(mlp, scored):
     plan = allocate(scored, mlp, budget_bits=6, bottom=4)
-    assert min(plan.values()) >= 4
+    assert min(plan.bits.values()) >= 4
     plan = allocate(scored, mlp, budget_bits=5, tied=[["0.weight", "2.weight", "4.weight"]])
     assert plan["0.weight"] == plan["2.weight"] == plan["4.weight"]
     loose = allocate(scored, mlp, budget_bits=12)
-    n = sum(plan.n_params.values())
-    fp_loose = sum(plan_n for u, plan_n in loose.n_params.items() if loose[u] >= 16) / n
-    assert fp_loose > 0.05
+    numel = {n: p.numel() for n, p in mlp.named_parameters()}
+    n = sum(numel.values())
+    assert sum(numel[u] for u, b in loose.bits.items() if b >= 16) / n > 0.05
     for solver in ("milp", "greedy"):
         tight = allocate(scored, mlp, budget_bits=12, fp_budget=0.05, solver=solver)
-        assert sum(tight.n_params[u] for u in tight if tight[u] >= 16) <= 0.05 * n
+        assert sum(numel[u] for u, b in tight.bits.items() if b >= 16) <= 0.05 * n
 
 
 def test_dead_units_get_the_lowest_tier(mlp, x0):
-    with torch.no_grad():
-        mlp[2].bias.zero_()  # zero bias: gauss noise of size 0 -> dead
-    scores = probe(mlp, x0, horizon=5, progress=False)
-    assert scores["dead"].sel(unit="2.bias")
-    plan = allocate(scores, mlp, budget_bits=30, bottom=3)
-    assert plan["2.bias"] == 3
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp
+            self.unused = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithUnused()
+    scores = probe(model, x0, horizon=5, progress=False)
+    assert scores["dead"].sel(unit="unused")
+    plan = allocate(scores, model, budget_bits=30, bottom=3)
+    assert plan["unused"] == Int(3)
 
 
-def test_plan_json_round_trip_and_apply(mlp, scored, tmp_path):
-    plan = allocate(scored, mlp, budget_bits=4.0)
-    path = plan.save(tmp_path / "plan.json")
-    back = Plan.load(path)
-    assert back == plan and list(back) == list(plan)
-    assert json.loads(path.read_text())["bits_per_param"] == pytest.approx(plan.bits_per_param)
-    before = snapshot(mlp)
-    q = apply_plan(mlp, back)
-    assert same_weights(mlp, before)  # the caller's model is untouched
-    for name, p in q.named_parameters():
-        assert torch.equal(p, tqslite.rtn_quantize(before[name], plan[name]))
-    assert apply_plan(mlp, plan, inplace=True) is mlp and not same_weights(mlp, before)
-
-
-def test_applying_a_plan_for_another_model_fails_and_writes_nothing(mlp, scored):
-    plan = allocate(scored, mlp, budget_bits=4.0)
-    plan.members["ghost"] = ("ghost.weight",)
-    plan.bits["ghost"] = 4
-    before = snapshot(mlp)
-    with pytest.raises(ValueError, match="ghost.weight"):
-        apply_plan(mlp, plan, inplace=True)
-    assert same_weights(mlp, before)
-
-
-def test_loading_something_that_is_not_a_plan(tmp_path):
-    (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(ValueError, match="not a tqslite plan"):
-        Plan.load(tmp_path / "x.json")
-
-
-def test_pareto_front_from_one_sweep(mlp, scored):
-    front = pareto(scored, mlp, budgets=[3, 4, 5, 6, 8])
-    assert front.sizes["budget"] == 5 and front["bits"].dims == ("budget", "unit")
-    assert np.all(front["bits_per_param"].values <= front["budget"].values)
-    assert np.all(np.diff(front["predicted_error"].values) <= 1e-15)  # more bits never predicts more error
-    one = allocate(scored, mlp, budget_bits=5)
-    assert front["bits"].sel(budget=5).values.tolist() == list(one.values())
-    auto = pareto(scored, mlp)
-    assert auto.sizes["budget"] == 10
-
-
-def test_uniform_plan_is_every_unit_at_one_width(mlp, scored):
-    plan = tqslite.uniform_plan(scored, mlp, bits=4)
-    assert set(plan.values()) == {4}
-    assert plan.size_bits == sum(tqslite.storage_bits(tuple(p.shape), 4) for p in mlp.parameters())
-    mixed = allocate(scored, mlp, budget_bits=plan.bits_per_param)
-    assert mixed.bits_per_param <= plan.bits_per_param
-    assert mixed.predicted_error <= plan.predicted_error  # the optimum is never worse at the same size
+def test_uniform_plan_needs_no_scores_and_the_optimum_is_never_worse(mlp, scored):
+    plan = uniform_plan(mlp, 4)
+    assert set(plan.configs.values()) == {Int(4)}
+    assert plan_size(plan, mlp).stored_bits == sum(p.numel() * 4 + 16 * (p.shape[0] if p.ndim > 1 else 1)
+                                                   for p in mlp.parameters())
+    table = cost_table(scored, mlp)
+    mixed = allocate(table, budget_bits=plan_size(plan, mlp).bits_per_param)
+    assert plan_size(mixed, mlp).stored_bits <= plan_size(plan, mlp).stored_bits
+    assert predicted_error(mixed, table) <= predicted_error(plan, table)
 
 
 def test_a_cost_table_fixes_its_settings(mlp, scored):
     table = cost_table(scored, mlp, options=(2, 4, 8))
-    assert set(allocate(table, budget_bits=5).values()) <= {2, 4, 8}
+    assert set(allocate(table, budget_bits=5).bits.values()) <= {2, 4, 8}
     with pytest.raises(ValueError, match="cost table passed in fixes them"):
         allocate(table, budget_bits=5, options=(4,))
     with pytest.raises(ValueError, match="objective"):
-        pareto(table, budgets=[4, 5], objective="quadratic")
+        pareto(table, budgets=[4, 5], objective="linear")
 
 
-def test_pareto_saves_to_netcdf_and_reports_both_predictions(mlp, scored, tmp_path):
-    front = pareto(scored, mlp, budgets=[4, 6], fp_budget=None)
+def test_pareto_front_from_one_sweep(mlp, scored, tmp_path):
+    table = cost_table(scored, mlp, options=(2, 3, 4, 5, 6, 8, Float16(), KeepFloat()))
+    front = pareto(table, budgets=[3, 4, 5, 6, 8])
+    assert front.sizes["budget"] == 5 and front["config"].dims == ("budget", "unit")
+    assert np.all(front["bits_per_param"].values <= front["budget"].values)
+    assert np.all(np.diff(front["objective_value"].values) <= 1e-15)  # more bits never costs more
+    one = allocate(table, budget_bits=5)
+    assert front["config"].sel(budget=5).values.tolist() == [c.label for c in one.values()]
+    assert front["predicted_rss"].sel(budget=5) == pytest.approx(predicted_error(one, table))
+    assert np.all(front["predicted_rss"] <= front["predicted_linear"] + 1e-15)  # ||e||_2 <= ||e||_1
+    assert pareto(table).sizes["budget"] == 10
     front.to_netcdf(tmp_path / "front.nc")
-    assert np.all(front["predicted_rss"] <= front["predicted_error"] + 1e-15)  # ||e||_2 <= ||e||_1
+
+
+def test_grouped_options_fall_back_per_tensor_and_sizes_stay_exact(mlp, scored):
+    table = cost_table(scored, mlp, options=tqslite.int_options((2, 4), PerGroup(16)))
+    # 8-input layer: 8 elements per channel, groups of 16 do not divide them -> per channel
+    w0 = mlp[0].weight
+    assert table["size"].sel(unit="0.weight", option="int4/group16") == w0.numel() * 4 + 16 * w0.shape[0]
+    w2 = mlp[2].weight  # 32 inputs: two groups of 16 per channel
+    assert table["size"].sel(unit="2.weight", option="int4/group16") == w2.numel() * 4 + 16 * w2.shape[0] * 2

@@ -2,14 +2,20 @@
 
 The pieces, one module per job:
 
-* :mod:`tqslite.quantization` -- RTN weight quantization, packed storage, exact sizes;
-* :mod:`tqslite.units` -- the tensors and blocks that get one bit width each;
+* :mod:`tqslite.config` -- the configuration vocabulary: integer formats on a scale granularity,
+  float16, kept in float;
+* :mod:`tqslite.quantization` -- integer grids, round-to-nearest, the stored form of a tensor;
+* :mod:`tqslite.quantizers` -- the quantizer interface, RTN and MSE-clip RTN;
+* :mod:`tqslite.gptq` -- GPTQ, calibration-based, mixed precision included;
+* :mod:`tqslite.units` -- the tensors and blocks that share one configuration;
 * :mod:`tqslite.systems` -- models as state-to-state maps, Lorenz-63 and Lorenz-96;
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
 * :mod:`tqslite.activations` -- static, dynamic and probabilistic activation quantization, and
   the probe for activation noise;
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;
-* :mod:`tqslite.allocation` -- cost tables, the knapsack solvers, plans, Pareto fronts;
+* :mod:`tqslite.knapsack` -- the multiple-choice knapsack (exact and greedy);
+* :mod:`tqslite.allocation` -- cost tables priced with any quantizer, allocation, Pareto fronts;
+* :mod:`tqslite.plans` -- plans ``{unit: configuration}`` as JSON, their size, applying them;
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
@@ -18,22 +24,27 @@ The pieces, one module per job:
 """
 
 from .activations import calibrate, probe_activations, quantized_activations
-from .allocation import InfeasibleBudget, Plan, allocate, apply_plan, cost_table, pareto, solve_mckp, uniform_plan
+from .allocation import allocate, cost_table, pareto, predicted_error
+from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
-from .probe import gamma_at, probe
+from .knapsack import InfeasibleBudget, solve_mckp
+from .plans import Plan, PlanSize, QuantizedModel, apply_plan, plan_size, quantize, uniform_plan
+from .probe import Gaussian, QuantResidual, gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
-from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options, parse
 from .quantizers import RTN, MSEClip, QuantizedWeights, Quantizer, as_quantizer
 from .stats import bootstrap_gamma, spearman, spearman_agreement
 from .systems import Lorenz63, Lorenz96, TorchSystem, WindowedSystem, as_system, rollout
-from .units import Unit, make_units
+from .units import BlockUnits, TensorUnits, Unit, make_units
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "InfeasibleBudget", "Plan", "jacobians", "trajectory", "calibrate", "probe_activations",
-    "quantized_activations", "QuantizedTensor", "TorchSystem", "Unit", "WindowedSystem", "Lorenz63", "Lorenz96",
-    "allocate", "apply_plan", "as_system", "bootstrap_gamma", "cost_table", "finite_time_lyapunov", "gamma_at",
-    "lyapunov_spectrum", "make_units", "pareto", "probe", "relative_error", "rollout", "rtn_quantize",
-    "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "uniform_plan",
+    "DEFAULT_OPTIONS", "BlockUnits", "Float16", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
+    "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual",
+    "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "TensorUnits", "TorchSystem", "Unit",
+    "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
+    "calibrate", "cost_table", "finite_time_lyapunov", "gamma_at", "int_options", "jacobians", "lyapunov_spectrum",
+    "make_units", "pareto", "plan_size", "predicted_error", "probe", "probe_activations", "quantize",
+    "quantized_activations", "relative_error", "rollout", "rtn_quantize", "solve_mckp", "spearman",
+    "spearman_agreement", "sqnr_db", "storage_bits", "trajectory", "uniform_plan",
 ]

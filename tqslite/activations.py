@@ -77,7 +77,7 @@ import xarray as xr
 from torch import nn
 from tqdm import tqdm
 
-from .probe import D_FLOOR, as_states, assemble_scores, reference_rollout, rollout_divergence, unit_seed
+from .probe import as_states, assemble_scores, divergence_floor, reference_rollout, rollout_divergence, unit_seed
 from .config import Int
 from .quantization import FP16_MAX, fp16_ceil
 from .systems import as_system
@@ -895,7 +895,7 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
     xarray.Dataset
         The layout of a :func:`tqslite.probe` result, with ``unit`` = layer name: ``gamma(unit)``,
         ``curve(unit, lead)``, ``eps(unit)``, ``n_params(unit)`` (the layer's parameters),
-        ``dead(unit)``, ``nonfinite(unit)``, ``members(unit)`` (its parameter names),
+        ``dead(unit)``, ``nonfinite(unit)``, ``tensor_unit(tensor)`` (its parameter names),
         ``divergence(unit, window, lead)``; plus ``n_outputs(unit)``, output elements per sample.
         A layer whose output is zero, or whose noise leaves the trajectory unchanged, is dead
         (``gamma = -inf``); one whose rollout turns non-finite scores ``+inf``.
@@ -942,11 +942,10 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
                 handle.remove()
             eps[i] = math.sqrt(np.mean(np.square(ratios))) if ratios else 0.0
     units = [Unit(n, param_names[n]) for n in targets]
-    scores = assemble_scores(units, system, eps, div, dead_threshold, dict(
-        kind="activation_gauss", granularity="module", horizon=horizon, bits="none", sigma_rel=sigma_rel,
+    scores = assemble_scores(units, system, eps, div, divergence_floor(ref), eps == 0, dead_threshold, dict(
+        kind="activation_gauss", units="module", horizon=horizon, sigma_rel=sigma_rel,
         seed=seed, n_windows=n_win, batch_size=batch_size, dtype=str(x0.dtype).removeprefix("torch."),
-        d_floor=D_FLOOR, dead_threshold="none" if dead_threshold is None else dead_threshold,
-        system=type(net).__name__,
+        dead_threshold="none" if dead_threshold is None else dead_threshold, system=type(net).__name__,
     ))
     scores["n_outputs"] = ("unit", n_out, {"long_name": "output elements per sample"})
     scores.attrs["title"] = "TQS activation probe scores"

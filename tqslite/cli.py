@@ -2,10 +2,11 @@
 
 ::
 
-    tqslite probe timesfm_lite --granularity block --horizon 8 --out scores.nc
-    tqslite allocate scores.nc timesfm_lite --budget-bits 4 --out plan.json
-    tqslite quantize timesfm_lite plan.json --out timesfm_lite_q.pt
-    tqslite evaluate timesfm_lite plan.json --horizon 8 --out errors.nc
+    tqslite probe timesfm_lite --units block --horizon 8 --out scores.nc
+    tqslite allocate scores.nc timesfm_lite --budget-bits 4 --quantizer gptq --out plan.json
+    tqslite uniform timesfm_lite --bits 4 --group-size 32 --out uniform4.json
+    tqslite quantize timesfm_lite plan.json --quantizer gptq --out timesfm_lite_q.pt
+    tqslite evaluate timesfm_lite plan.json uniform4.json --quantizer gptq --horizon 8 --out errors.nc
     tqslite pareto scores.nc timesfm_lite --budgets 3,4,5,6 --out front.nc
     tqslite run-notebook 06 -p bits 3 -p horizon 40 --out runs/pangu-b3
     tqslite book [--smoke]
@@ -65,13 +66,50 @@ def _model(name: str, backend: str = "torch"):
     return models.load(name, backend=backend)
 
 
+def _config(a):
+    """The integer configuration of ``--bits`` (``--group-size``: per group instead of per channel)."""
+    from .config import Int, PerChannel, PerGroup
+    return Int(a.bits, PerGroup(a.group_size) if a.group_size else PerChannel())
+
+
+def _options(a):
+    """The allocator's options from ``--options`` and ``--group-size`` (None: the library's defaults)."""
+    from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup
+    if a.options is None and not a.group_size:
+        return None
+    gran = PerGroup(a.group_size) if a.group_size else PerChannel()
+    bits = a.options or [c.bits for c in DEFAULT_OPTIONS]
+    return [Float16() if b == 16 else KeepFloat() if b == 32 else Int(b, gran) for b in bits]
+
+
+def _calibration(a, name):
+    """Calibration states for a quantizer that needs them: ``--calibration FILE`` or the model's training states."""
+    from .quantizers import as_quantizer
+    if not as_quantizer(a.quantizer).needs_calibration:
+        return None
+    if a.calibration is not None:
+        import numpy as np
+        import torch
+        import xarray as xr
+        values = np.load(a.calibration) if a.calibration.suffix == ".npy" else xr.load_dataarray(a.calibration).values
+        return torch.from_numpy(np.asarray(values, dtype=np.float32))
+    from .train import calibration_states
+    return calibration_states(name, a.calibration_states, a.seed)
+
+
 def _cmd_probe(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
     from .train import heldout_windows
+    from .units import BlockUnits
     x0, _ = heldout_windows(a.model, a.windows, a.horizon, a.seed)
-    scores = tqslite.probe(system, x0.values, kind=a.kind, granularity=a.granularity, horizon=a.horizon,
-                           bits=a.bits, sigma_rel=a.sigma_rel, seed=a.seed, depth=a.depth, progress=not a.quiet)
+    if a.kind == "quant":
+        perturbation = tqslite.QuantResidual(_config(a), a.quantizer, tqslite.Gaussian(a.sigma_rel, a.seed))
+    else:
+        perturbation = tqslite.Gaussian(a.sigma_rel, a.seed)
+    units = BlockUnits(a.depth) if a.units == "block" else "tensor"
+    scores = tqslite.probe(system, x0.values, horizon=a.horizon, perturbation=perturbation, units=units,
+                           calibration=_calibration(a, a.model) if a.kind == "quant" else None, progress=not a.quiet)
     scores.attrs.update(model=a.model, backend=a.backend)
     _write_atomic(a.out, scores.to_netcdf)
     print(f"scores of {scores.sizes['unit']} units written to {a.out}")
@@ -80,19 +118,36 @@ def _cmd_probe(a) -> None:
 def _load_scores(path: Path):
     import xarray as xr
     ds = xr.load_dataset(path)
-    if "gamma" not in ds or "members" not in ds:
-        raise CommandError(f"{path} is not a tqslite scores file (no 'gamma'/'members'); make one with 'tqslite probe'")
+    if "gamma" not in ds or "tensor_unit" not in ds:
+        raise CommandError(f"{path} is not a tqslite scores file (no 'gamma'/'tensor_unit'); make one with "
+                           "'tqslite probe'")
     return ds
+
+
+def _sizes(plan, system) -> str:
+    from .plans import plan_size
+    size = plan_size(plan, system)
+    return (f"{size.bits_per_param:.3f} stored bits/parameter (nominal {size.nominal_bits:.2f}), "
+            f"{size.bytes} bytes, {size.compression:.2f}x against float32")
 
 
 def _cmd_allocate(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
     plan = tqslite.allocate(_load_scores(a.scores), system, budget_bits=a.budget_bits, compression=a.compression,
-                            options=a.options, solver=a.solver, objective=a.objective, bottom=a.bottom,
-                            fp_budget=a.fp_budget)
-    _write_atomic(a.out, lambda p: Path(p).write_text(plan.to_json()))
-    print(f"plan for {len(plan)} units at {plan.bits_per_param:.3f} bits/parameter written to {a.out}")
+                            options=_options(a), solver=a.solver, objective=a.objective, bottom=a.bottom,
+                            fp_budget=a.fp_budget, quantizer=a.quantizer, calibration=_calibration(a, a.model))
+    _write_atomic(a.out, plan.save)
+    print(f"plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
+
+
+def _cmd_uniform(a) -> None:
+    import tqslite
+    from .units import BlockUnits
+    system, _ = _model(a.model, a.backend)
+    plan = tqslite.uniform_plan(system, _config(a), BlockUnits(a.depth) if a.units == "block" else "tensor")
+    _write_atomic(a.out, plan.save)
+    print(f"uniform {_config(a).label} plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
 
 
 def _cmd_quantize(a) -> None:
@@ -100,9 +155,12 @@ def _cmd_quantize(a) -> None:
 
     import tqslite
     system, _ = _model(a.model)
-    quantized = tqslite.apply_plan(system, tqslite.Plan.load(a.plan))
-    _write_atomic(a.out, lambda p: torch.save(quantized.module.state_dict(), p))
-    print(f"quantized state_dict written to {a.out} (weights dequantized on the RTN grid)")
+    plan = tqslite.Plan.load(a.plan)
+    qm = tqslite.quantize(system, plan, a.quantizer, _calibration(a, a.model))
+    _write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
+    for name, reason in qm.weights.fallbacks.items():
+        print(f"  {name}: RTN ({reason})")
+    print(f"quantized state_dict written to {a.out} (weights dequantized on the {a.quantizer} grid)")
 
 
 def _cmd_evaluate(a) -> None:
@@ -114,15 +172,15 @@ def _cmd_evaluate(a) -> None:
     x0, truth = heldout_windows(a.model, a.windows, a.horizon, a.seed)
     plans = {p.stem: tqslite.Plan.load(p) for p in a.plans}
     for bits in a.uniform or []:
-        scores = tqslite.probe(system, x0.values[:1], horizon=1, progress=False)
-        plans[f"rtn{bits}"] = tqslite.uniform_plan(scores, system, bits)
+        plans[f"uniform{bits}"] = tqslite.uniform_plan(system, bits)
     if module_of(a.model).LAYOUT == "grid":
         keep, view = ("channel",), None
     else:  # the state is the context window: score the newest patch only
         keep, patch = (), module_of(a.model).ARCH["patch"]
         view = lambda da: da.isel(dim_0=slice(-patch, None))  # noqa: E731
-    res = compare_plans(system, plans, x0, a.horizon, truth=truth, keep=keep, view=view)
-    res.attrs.update(model=a.model, windows=a.windows, seed=a.seed)
+    res = compare_plans(system, plans, x0, a.horizon, truth=truth, keep=keep, view=view, quantizer=a.quantizer,
+                        calibration=_calibration(a, a.model))
+    res.attrs.update(model=a.model, windows=a.windows, seed=a.seed, quantizer=a.quantizer)
     _write_atomic(a.out, res.to_netcdf)
     last = res["rmse_vs_truth"].isel(lead=-1)
     last = last.mean([d for d in last.dims if d != "plan"])
@@ -135,9 +193,10 @@ def _cmd_pareto(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
     front = tqslite.pareto(_load_scores(a.scores), system, budgets=a.budgets, solver=a.solver,
-                           objective=a.objective, options=a.options)
+                           objective=a.objective, options=_options(a), quantizer=a.quantizer,
+                           calibration=_calibration(a, a.model))
     _write_atomic(a.out, front.to_netcdf)
-    for b, bpp, err in zip(front["budget"].values, front["bits_per_param"].values, front["predicted_error"].values):
+    for b, bpp, err in zip(front["budget"].values, front["bits_per_param"].values, front["predicted_rss"].values):
         print(f"budget {b:6.3f}  achieved {bpp:6.3f} bits/param  predicted error {err:.4g}")
     print(f"written to {a.out}")
 
@@ -161,44 +220,74 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0, help="seed of the noise and the windows (default 0)")
 
     def table_args(q):
-        q.add_argument("--options", type=_ints, default=None, help="bit widths, e.g. 2,3,4,8,16,32")
-        q.add_argument("--objective", choices=("linear", "quadratic", "paper"), default=None)
+        q.add_argument("--options", type=_ints, default=None,
+                       help="bit widths a unit may take, e.g. 2,3,4,8,16,32 (default 2,3,4,5,6,8,16,32)")
+        q.add_argument("--group-size", type=int, default=None,
+                       help="integer options per group of this many elements (default: per output channel)")
+        q.add_argument("--objective", choices=("quadratic", "linear", "paper"), default=None,
+                       help="cost of an option (default quadratic: errors add in quadrature)")
         q.add_argument("--solver", choices=("milp", "greedy"), default="milp")
+
+    def quantizer_args(q, what="the quantizer that prices and applies the plan"):
+        q.add_argument("--quantizer", choices=("rtn", "mse", "gptq"), default="rtn", help=f"{what} (default rtn)")
+        q.add_argument("--calibration", type=_existing, default=None,
+                       help="GPTQ calibration states, .npy or netCDF (default: the model's training states)")
+        q.add_argument("--calibration-states", type=int, default=32,
+                       help="number of training states GPTQ calibrates on (default 32)")
+
+    def unit_args(q, default="block"):
+        q.add_argument("--units", choices=("tensor", "block"), default=default,
+                       help=f"unit granularity: one unit per tensor or per module subtree (default {default})")
+        q.add_argument("--depth", type=int, default=1, help="block depth (default 1)")
 
     q = sub.add_parser("probe", help="score every unit of a model (netCDF)")
     model_args(q)
     state_args(q, 20)
     q.add_argument("--kind", choices=("gauss", "quant"), default="gauss", help="perturbation (default gauss)")
-    q.add_argument("--granularity", choices=("tensor", "block"), default="block")
-    q.add_argument("--depth", type=int, default=1, help="block depth (default 1)")
+    unit_args(q)
     q.add_argument("--bits", type=int, default=4, help="probe bit width for --kind quant (default 4)")
+    q.add_argument("--group-size", type=int, default=None, help="--kind quant per group (default per channel)")
+    quantizer_args(q, "the quantizer whose residual --kind quant measures")
     q.add_argument("--sigma-rel", type=float, default=1e-2, help="Gaussian size for --kind gauss (default 0.01)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.add_argument("--out", type=Path, required=True, help="scores file (.nc)")
     q.set_defaults(run=_cmd_probe)
 
-    q = sub.add_parser("allocate", help="choose bits per unit under a budget (JSON plan)")
+    q = sub.add_parser("allocate", help="choose a configuration per unit under a budget (JSON plan)")
     q.add_argument("scores", type=_existing, help="scores from 'tqslite probe'")
     model_args(q)
     budget = q.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-bits", type=float, help="average bits per parameter, scales included")
     budget.add_argument("--compression", type=float, help="compression ratio against float32")
     table_args(q)
+    quantizer_args(q)
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration states (default 0)")
     q.add_argument("--bottom", type=int, default=None, help="lowest bit width allowed")
     q.add_argument("--fp-budget", type=float, default=None, help="largest fraction of parameters at 16/32 bits")
     q.add_argument("--out", type=Path, required=True, help="plan file (.json)")
     q.set_defaults(run=_cmd_allocate)
 
+    q = sub.add_parser("uniform", help="a uniform plan: every unit on one configuration, no probe (JSON plan)")
+    model_args(q)
+    q.add_argument("--bits", type=int, required=True, help="integer bit width, 2-8")
+    q.add_argument("--group-size", type=int, default=None, help="one scale per group of this size (default per channel)")
+    unit_args(q, "tensor")
+    q.add_argument("--out", type=Path, required=True, help="plan file (.json)")
+    q.set_defaults(run=_cmd_uniform)
+
     q = sub.add_parser("quantize", help="apply a plan: the quantized state_dict (.pt)")
     model_args(q, backend=False)
-    q.add_argument("plan", type=_existing, help="plan from 'tqslite allocate'")
+    q.add_argument("plan", type=_existing, help="plan from 'tqslite allocate' or 'tqslite uniform'")
+    quantizer_args(q, "the quantizer that applies the plan")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration states (default 0)")
     q.add_argument("--out", type=Path, required=True, help="state_dict file (.pt)")
     q.set_defaults(run=_cmd_quantize)
 
     q = sub.add_parser("evaluate", help="rollout error of plans against float and truth (netCDF)")
     model_args(q)
     q.add_argument("plans", type=_existing, nargs="*", help="plans to compare (JSON)")
-    q.add_argument("--uniform", type=_ints, default=None, help="also uniform RTN at these bits, e.g. 3,4")
+    q.add_argument("--uniform", type=_ints, default=None, help="also uniform plans at these bits, e.g. 3,4")
+    quantizer_args(q, "the quantizer that applies every plan")
     state_args(q, 20)
     q.add_argument("--out", type=Path, required=True, help="errors file (.nc)")
     q.set_defaults(run=_cmd_evaluate)
@@ -208,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(q)
     q.add_argument("--budgets", type=_floats, default=None, help="bits per parameter, e.g. 3,4,5,6 (default: 10)")
     table_args(q)
+    quantizer_args(q)
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration states (default 0)")
     q.add_argument("--out", type=Path, required=True, help="front file (.nc)")
     q.set_defaults(run=_cmd_pareto)
 

@@ -10,11 +10,10 @@ One call of :func:`compare` runs the whole comparison of SPEC section 5 on one m
    in bits per parameter, scales counted;
 3. **quantized models** at each budget: ``rtn`` itself, ``gptq`` on the same grid (stored
    exactly like RTN, so the same size), ``qep`` (GPTQ with QEP's error propagation, ``alpha = 1``,
-   :func:`tqslite.baselines.gptq_quantize`) likewise, and every score method through the same allocator
-   (:func:`tqslite.allocate`, exact solver, each score set with its own objective: linear for
-   the probes, range and random, HAWQ-V2's quadratic for the Hessian; and ``tqs_quadratic``, the
-   TQS scores with the quadratic objective, errors added in quadrature) at the RTN size on the
-   same grid, never above it (how far below is recorded in ``size_shortfall``);
+   :class:`tqslite.gptq.GPTQ`) likewise, and every score method through the same allocator
+   (:func:`tqslite.allocate`, exact solver, RTN, the quadratic objective -- for the Hessian that
+   is HAWQ-V2's own; and ``tqs_linear``, the TQS scores with the linear objective) at the RTN
+   size on the same grid, never above it (how far below is recorded in ``size_shortfall``);
 4. **rollout errors** at every lead, per evaluation window, against the float model (what
    quantization adds) and against the truth, per variable (grids) or per station (series);
 5. **costs**: the wall time of each stage, and the time per Pareto point of each method.
@@ -39,19 +38,21 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .allocation import allocate, apply_plan, cost_table, uniform_plan
-from .baselines.gptq import gptq_quantize
+from .allocation import allocate, cost_table
 from .baselines.scores import hessian_scores, one_step_scores, random_scores, range_scores
+from .config import Int, PerChannel, PerGroup, int_options
+from .gptq import GPTQ
+from .plans import apply_plan, plan_size, uniform_plan
 from .evaluation import _mean, forecast
-from .probe import probe
+from .probe import Gaussian, QuantResidual, probe
 from .stats import spearman_agreement
 from .systems import as_system, rollout
 
 #: Mixed-precision methods: their scores go through the same allocator.
-MIXED = ("tqs", "tqs_quadratic", "one_step", "hessian", "range", "random")
-#: The score set and objective of each mixed method (``None``: the score set's own objective, which
-#: is ``linear`` for the probes, range and random, and HAWQ-V2's ``quadratic`` for the Hessian).
-SCORED_BY = {m: (m, None) for m in MIXED} | {"tqs_quadratic": ("tqs", "quadratic")}
+MIXED = ("tqs", "tqs_linear", "one_step", "hessian", "range", "random")
+#: The score set and objective of each mixed method (``None``: the library's default, ``quadratic``;
+#: ``tqs_linear`` is the TQS scores with the linear objective).
+SCORED_BY = {m: (m, None) for m in MIXED} | {"tqs_linear": ("tqs", "linear")}
 #: Every method, in the order tables show them.
 METHODS = (*MIXED, "gptq", "qep", "rtn")
 #: Calibration-based methods, on the uniform RTN grid: GPTQ, and GPTQ with QEP's error propagation.
@@ -136,7 +137,7 @@ def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None,
     time of 64 for ``aurora_lite``).
     """
     from .models import load, module_of
-    from .train import heldout_windows, prepare, probe_states
+    from .train import calibration_states, heldout_windows, prepare, probe_states
 
     module = module_of(name)
     grid = module.LAYOUT == "grid"
@@ -149,9 +150,9 @@ def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None,
     x_eval, truth = heldout_windows(name, n_eval, horizon, seed, prep)
     rng = np.random.default_rng(seed)
     train = torch.from_numpy(prep.train)
+    calibration = calibration_states(name, n_calibration, seed, prep)
     if grid:
         x_eval, truth = x_eval.rename(channel="variable"), truth.rename(channel="variable")
-        calibration = train[np.sort(rng.choice(len(train) - 1, n_calibration, replace=False))]
         idx = rng.choice(len(train) - 1, (n_loss_batches, loss_batch_size), replace=False)
         batches = [(train[i], train[i + 1]) for i in idx]
         weight = torch.from_numpy(prep.loss_weight)
@@ -162,7 +163,6 @@ def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None,
 
         return Benchmark(name, system, x_probe, x_eval, truth, horizon, calibration, batches, loss_fn)
     ctx, patch = module.ARCH["context"], module.ARCH["patch"]
-    calibration = train[np.sort(rng.choice(len(train), n_calibration, replace=False)), :ctx]
     idx = rng.choice(len(train), (n_loss_batches, loss_batch_size), replace=False)
     batches = [(train[i, :ctx], train[i, patch:ctx + patch]) for i in idx]
 
@@ -184,8 +184,8 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def sensitivities(bench: Benchmark, granularity: str = "tensor", kind: str = "gauss", depth: int = 1,
-                  n_hutchinson: int = 16, seed: int = 0, progress: bool = False, executor=None):
+def sensitivities(bench: Benchmark, units="tensor", kind: str = "gauss", n_hutchinson: int = 16, seed: int = 0,
+                  progress: bool = False, executor=None):
     """Scores of every mixed-precision method, and the wall seconds of each pass.
 
     Returns ``(scores, seconds)``: two dicts keyed by score set (``tqs``, ``one_step``,
@@ -193,8 +193,9 @@ def sensitivities(bench: Benchmark, granularity: str = "tensor", kind: str = "ga
     ``kind`` over ``bench.horizon`` steps; ``one_step`` the same probe over one step; the others
     come from :mod:`tqslite.baselines.scores`. ``executor`` goes to both probes.
     """
-    common = dict(granularity=granularity, depth=depth)
-    probe_kw = dict(kind=kind, seed=seed, progress=progress, executor=executor, **common)
+    common = dict(units=units)
+    perturbation = Gaussian(seed=seed) if kind == "gauss" else QuantResidual(fallback=Gaussian(seed=seed))
+    probe_kw = dict(perturbation=perturbation, progress=progress, executor=executor, **common)
     passes = {
         "tqs": lambda: probe(bench.system, bench.x_probe, horizon=bench.horizon, **probe_kw),
         "one_step": lambda: one_step_scores(bench.system, bench.x_probe, **probe_kw),
@@ -227,7 +228,9 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     budgets = [(int(b), str(g)) for b, g in budgets]
     labels = [_budget_label(b, g) for b, g in budgets]
     grids = sorted({g for _, g in budgets})
-    setting = {g: dict(granularity=g, group_size=group_size if g == "group" else None) for g in grids}
+    scale = {g: PerGroup(group_size) if g == "group" else PerChannel() for g in grids}
+    bits_options = [b for b in options if b <= 8]
+    setting = {g: int_options(bits_options, scale[g], floats=any(b >= 16 for b in options)) for g in grids}
     shape = (len(METHODS), len(budgets))
     bpp, q_sec, s_sec = np.full(shape, np.nan), np.zeros(shape), np.zeros(shape)
     t_sec = np.zeros((len(METHODS), len(grids)))
@@ -235,28 +238,24 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     tables = {}
     for m in MIXED:
         key, objective = SCORED_BY[m]
-        objective = objective or scores[key].attrs.get("objective", "linear")
+        objective = objective or scores[key].attrs.get("objective", "quadratic")
         for j, g in enumerate(grids):
-            tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[key], system, options, objective,
-                                                              **setting[g])
-    for g in grids:  # uniform plans need only the units and sizes: any score set's units will do
-        tables["rtn", g], t_sec[METHODS.index("rtn"), grids.index(g)] = _timed(
-            cost_table, scores["tqs"], system, sorted({b for b, _ in budgets}), **setting[g])
+            tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[key], system, setting[g], objective)
     bar = tqdm(total=len(METHODS) * len(budgets), desc=f"{bench.name}: quantized models", disable=not progress)
     for k, ((bits, g), label) in enumerate(zip(budgets, labels)):
-        uniform = uniform_plan(tables["rtn", g], bits=bits)
+        uniform = uniform_plan(system, Int(bits, scale[g]))
+        budget_bits = plan_size(uniform, system).bits_per_param
         for i, m in enumerate(METHODS):
             if m in CALIBRATED:  # stored exactly like the uniform RTN plan of the same settings
-                module, q_sec[i, k] = _timed(gptq_quantize, system.module, bench.calibration, bits,
-                                             group_size=setting[g]["group_size"], propagation=CALIBRATED[m],
-                                             **(gptq_kwargs or {}))
-                models[m, label], bpp[i, k] = type(system)(module), uniform.bits_per_param
+                gptq = GPTQ(propagation=CALIBRATED[m], **(gptq_kwargs or {}))
+                models[m, label], q_sec[i, k] = _timed(apply_plan, system, uniform, gptq, bench.calibration)
+                bpp[i, k] = budget_bits
             else:
                 plan = uniform
                 if m != "rtn":
-                    plan, s_sec[i, k] = _timed(allocate, tables[m, g], budget_bits=uniform.bits_per_param)
+                    plan, s_sec[i, k] = _timed(allocate, tables[m, g], budget_bits=budget_bits)
                 models[m, label], q_sec[i, k] = _timed(apply_plan, system, plan)
-                bpp[i, k] = plan.bits_per_param
+                bpp[i, k] = plan_size(plan, system).bits_per_param
             bar.update()
     bar.close()
     info = xr.Dataset(
@@ -309,7 +308,7 @@ def rollout_errors(bench: Benchmark, models: dict, progress: bool = False) -> xr
     return out
 
 
-def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind: str = "gauss",
+def compare(bench: Benchmark, budgets=BUDGETS, units="tensor", kind: str = "gauss",
             group_size: int = GROUP_SIZE, options=OPTIONS, n_hutchinson: int = 16, n_boot: int = 1000,
             seed: int = 0, progress: bool = False, executor=None) -> xr.Dataset:
     """The whole comparison on one model (see the module docstring); one Dataset, for netCDF.
@@ -327,7 +326,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
         ``hessian_floored(unit)`` (traces <= 0 that were floored), and ``rho_vs_tqs(scheme)`` with
         ``rho_lo``/``rho_hi``: Spearman's rho of each method's unit ranking against TQS's.
     """
-    scores, sens_seconds = sensitivities(bench, granularity, kind, n_hutchinson=n_hutchinson, seed=seed,
+    scores, sens_seconds = sensitivities(bench, units, kind, n_hutchinson=n_hutchinson, seed=seed,
                                          progress=progress, executor=executor)
     models, info = quantized_models(bench, scores, budgets, group_size, options, progress=progress)
     mse = rollout_errors(bench, models, progress)
@@ -357,7 +356,7 @@ def compare(bench: Benchmark, budgets=BUDGETS, granularity: str = "tensor", kind
     rho = {m: spearman_agreement(scores["tqs"], scores[m], n_boot=n_boot, seed=seed) for m in scores if m != "tqs"}
     for key, name in (("rho", "rho_vs_tqs"), ("lo", "rho_lo"), ("hi", "rho_hi")):
         ds[name] = ("scheme", [rho[m][key] if m in rho else np.nan for m in METHODS])
-    ds.attrs = dict(model=bench.name, horizon=bench.horizon, per=bench.per, granularity=granularity, kind=kind,
+    ds.attrs = dict(model=bench.name, horizon=bench.horizon, per=bench.per, units=str(units), kind=kind,
                     group_size=group_size, options=list(options), n_probe=len(bench.x_probe),
                     n_eval=bench.x_eval.sizes["window"], n_hutchinson=n_hutchinson, seed=seed,
                     torch_threads=torch.get_num_threads(),
@@ -470,7 +469,7 @@ def cost_summary(result: xr.Dataset) -> xr.Dataset:
 
 
 def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: int | None = None,
-                      horizon: int | None = None, granularity: str = "tensor", kind: str = "gauss",
+                      horizon: int | None = None, units="tensor", kind: str = "gauss",
                       n_boot: int = 1000, seed: int = 0, progress: bool = False, prep=None) -> xr.Dataset:
     """Do TQS rankings of a shipped model hold on other data? Probe it on each split and compare.
 
@@ -495,7 +494,8 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
     runs = {}
     for s in splits:
         x0 = torch.from_numpy(probe_states(name, s, n, horizon, seed, prep).values)
-        runs[s] = probe(system, x0, kind=kind, granularity=granularity, horizon=horizon, seed=seed, progress=progress)
+        perturbation = Gaussian(seed=seed) if kind == "gauss" else QuantResidual(fallback=Gaussian(seed=seed))
+        runs[s] = probe(system, x0, perturbation=perturbation, units=units, horizon=horizon, progress=progress)
     pairs = list(combinations(splits, 2))
     agree = [spearman_agreement(runs[a], runs[b], n_boot=n_boot, seed=seed) for a, b in pairs]
     units = runs[splits[0]]["unit"].values
@@ -503,7 +503,7 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
         {"gamma": (("split", "unit"), np.array([runs[s]["gamma"].values for s in splits])),
          **{k: ("pair", [g[k] for g in agree]) for k in ("rho", "lo", "hi")}},
         coords={"split": list(splits), "unit": units, "pair": [f"{a}~{b}" for a, b in pairs]},
-        attrs=dict(model=name, n=n, horizon=horizon, granularity=granularity, kind=kind, n_boot=n_boot, seed=seed),
+        attrs=dict(model=name, n=n, horizon=horizon, units=str(units), kind=kind, n_boot=n_boot, seed=seed),
     )
 
 

@@ -92,7 +92,8 @@ def acc(fc: xr.DataArray, truth: xr.DataArray, climatology, keep=None) -> xr.Dat
 
 
 def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None = None,
-                  keep=None, batch_size: int | None = None, view=None) -> xr.Dataset:
+                  keep=None, batch_size: int | None = None, view=None, quantizer=None,
+                  calibration=None) -> xr.Dataset:
     """Roll out the float model and a quantized copy per plan; errors per lead, side by side.
 
     Parameters
@@ -117,20 +118,19 @@ def compare_plans(model, plans: dict, x0, steps: int, truth: xr.DataArray | None
     -------
     xarray.Dataset
         Dim ``plan`` (``"float"`` first, then the plans): ``rmse_vs_float(plan, lead, ...)``
-        (the error quantization adds), ``rmse_vs_truth`` when ``truth`` is given,
-        ``bits_per_param(plan)`` (32 for float) and ``predicted_error(plan)``.
+        (the error quantization adds), ``rmse_vs_truth`` when ``truth`` is given, and
+        ``bits_per_param(plan)``, stored bits per parameter (32 for float).
     """
-    from .allocation import apply_plan
+    from .plans import apply_plan, plan_size
 
     view = view or (lambda da: da)
     ref = view(forecast(model, x0, steps, batch_size))
-    fcs = {"float": ref,
-           **{name: view(forecast(apply_plan(model, p), x0, steps, batch_size)) for name, p in plans.items()}}
+    fcs = {"float": ref, **{name: view(forecast(apply_plan(model, p, quantizer, calibration), x0, steps, batch_size))
+                            for name, p in plans.items()}}
     truth = None if truth is None else view(truth)
     names = xr.DataArray(list(fcs), dims="plan", name="plan")
     out = xr.Dataset({"rmse_vs_float": xr.concat([rmse(fc, ref, keep) for fc in fcs.values()], names)})
     if truth is not None:
         out["rmse_vs_truth"] = xr.concat([rmse(fc, truth, keep) for fc in fcs.values()], names)
-    out["bits_per_param"] = ("plan", [32.0] + [p.bits_per_param for p in plans.values()])
-    out["predicted_error"] = ("plan", [0.0] + [p.predicted_error for p in plans.values()])
+    out["bits_per_param"] = ("plan", [32.0] + [plan_size(p, model).bits_per_param for p in plans.values()])
     return out

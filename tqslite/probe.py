@@ -5,16 +5,29 @@ For every unit ``u`` (a named set of parameter tensors) the probe perturbs the u
 unperturbed rollout (computed once, reused for every unit), and measures
 
 * the divergence ``d[n, t] = RMS over state elements of (x_t(theta + delta_u) - x_t(theta))``,
-* the log-amplification curve ``Lambda_u(t) = mean_n log(max(d[n, t], d_floor) / eps_u)``,
+* the log-amplification curve ``Lambda_u(t) = mean_n log(max(d[n, t], d_floor[n, t]) / eps_u)``,
   with ``eps_u = ||delta_u|| / ||theta_u||`` the relative size of the perturbation,
-* the TQS score ``gamma_u(T) = Lambda_u(T) / T``: a finite-time, Lyapunov-style growth rate of
-  the error a unit's perturbation injects at every step.
+* the TQS score ``gamma_u(T) = Lambda_u(T) / T``: the error a unit's perturbation injects at every
+  step, as a rate per step. On the book's models most of ``Lambda_u(T)`` is the first step's
+  offset ``Lambda_u(1)``, and units share the later growth (chapters 01, 03 and 06 measure it).
 
-Two perturbations: ``kind="quant"`` uses the RTN residual ``Q_b(theta_u) - theta_u`` at the probe
-bit width (gamma_quant); ``kind="gauss"`` uses ``sigma_rel * rms(theta_p) * xi`` with
-``xi ~ N(0, I)`` drawn from a generator seeded by ``(seed, unit label)`` (gamma_gauss, which
-knows nothing of any quantizer). Rollouts run in the model's dtype; ``d``, ``Lambda`` and
-``gamma`` are float64. Only forward passes are needed.
+Two perturbations, chosen with a small value:
+
+* :class:`Gaussian` (``"gauss"``): ``delta = sigma_rel * rms(theta_p) * xi`` with ``xi ~ N(0, I)``
+  drawn from a CPU generator seeded by ``(seed, unit label)`` (gamma_gauss, the a-priori probe that
+  knows nothing of any quantizer; the same on every device);
+* :class:`QuantResidual` (``"quant"``): ``delta = Q(theta) - theta`` for a configuration and any
+  quantizer (gamma_quant; RTN at 4 bits per channel by default, GPTQ with calibration states).
+
+**Dead and unmeasured units.** A unit whose perturbation leaves every window's trajectory
+unchanged at every lead (``d == 0``) although ``eps_u > 0`` is ``dead``: its curve and gamma are
+``-inf``. A unit whose perturbation is itself zero (``eps_u == 0``, e.g. a tensor already on the
+probe's grid) was not measured: it is flagged ``unmeasured`` and, for the quant probe, re-probed
+with the Gaussian perturbation, so the allocator does not take it for free. ``d_floor`` is one unit
+of the model dtype's resolution at the state's RMS (``finfo(dtype).eps * rms(x_t)``): a window whose
+divergence is exactly 0 counts as that, not as ``1e-30`` that would drag ``Lambda`` down by tens
+of nats; ``n_zero_windows`` counts such windows per unit. A unit whose rollout turns non-finite
+scores ``+inf``. Rollouts run in the model's dtype; ``d``, ``Lambda`` and ``gamma`` are float64.
 """
 
 from __future__ import annotations
@@ -22,20 +35,76 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .quantization import check_finite, rtn_quantize
-from .config import Int as _Int
-check_bits = lambda b, symmetric=True: _Int(b, symmetric=symmetric).bits  # noqa: E731  (temporary)
+from .config import Config, Int, as_config
+from .quantization import check_finite
+from .quantizers import RTN, Quantizer, as_quantizer
 from .systems import as_system, rollout, swapped
-from .units import Unit, check_units, make_units
+from .units import Unit, as_unit_spec, membership, resolve_units
 
-#: Floor under the divergence before taking logs (SPEC: a tiny constant, float64).
-D_FLOOR = 1e-30
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Relative Gaussian noise: ``delta_p = sigma_rel * rms(theta_p) * xi`` for every tensor ``p`` of a unit.
+
+    ``xi`` is drawn in the weight's dtype from a CPU generator seeded by ``(seed, unit label)``,
+    so adding, removing or reordering units, or moving the model to another device, leaves a
+    unit's noise unchanged.
+    """
+
+    sigma_rel: float = 1e-2
+    seed: int = 0
+    kind: ClassVar[str] = "gauss"
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma_rel, (int, float)) and math.isfinite(self.sigma_rel) and self.sigma_rel > 0):
+            raise ValueError(f"sigma_rel={self.sigma_rel!r}: the Gaussian probe needs a positive, finite size.")
+
+    def describe(self) -> dict:
+        return dict(kind=self.kind, sigma_rel=float(self.sigma_rel), seed=int(self.seed))
+
+
+@dataclass(frozen=True)
+class QuantResidual:
+    """The residual of a quantizer: ``delta = Q(theta) - theta`` on ``config``.
+
+    Any quantizer (:class:`~tqslite.quantizers.RTN` by default; :class:`~tqslite.gptq.GPTQ`
+    needs ``calibration`` states in :func:`probe`). The whole model is quantized once on
+    ``config`` and each unit is perturbed to its quantized weights. Units whose residual is zero
+    are re-probed with ``fallback``.
+    """
+
+    config: Config = field(default_factory=lambda: Int(4))
+    quantizer: Quantizer = field(default_factory=RTN)
+    fallback: Gaussian = field(default_factory=Gaussian)
+    kind: ClassVar[str] = "quant"
+
+    def __post_init__(self):
+        object.__setattr__(self, "config", as_config(self.config))
+        object.__setattr__(self, "quantizer", as_quantizer(self.quantizer))
+
+    def describe(self) -> dict:
+        return dict(kind=self.kind, config=self.config.label, quantizer=repr(self.quantizer),
+                    sigma_rel=float(self.fallback.sigma_rel), seed=int(self.fallback.seed))
+
+
+def as_perturbation(p) -> Gaussian | QuantResidual:
+    """``"gauss"`` -> :class:`Gaussian`, ``"quant"`` -> :class:`QuantResidual`; instances as they are."""
+    if isinstance(p, (Gaussian, QuantResidual)):
+        return p
+    if p == "gauss":
+        return Gaussian()
+    if p == "quant":
+        return QuantResidual()
+    raise ValueError(f"perturbation={p!r}: use 'gauss', 'quant', Gaussian(sigma_rel, seed) or "
+                     "QuantResidual(config, quantizer).")
 
 
 def unit_seed(seed: int, label: str) -> int:
@@ -44,69 +113,51 @@ def unit_seed(seed: int, label: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def perturbation(system, unit: Unit, kind: str, bits: int = 4, sigma_rel: float = 1e-2, seed: int = 0,
-                 quant_granularity: str = "channel", group_size: int | None = None,
-                 symmetric: bool = True) -> tuple[dict, float]:
-    """The perturbed weights of one unit, ``theta_u + delta_u``, and ``eps_u``.
-
-    Returns ``({param name: perturbed tensor}, eps_u)`` with
-    ``eps_u = ||delta_u|| / ||theta_u||`` over all tensors of the unit (float64; 0 when both are
-    0). For ``kind="quant"`` the perturbed tensor is exactly ``Q_b(theta)``.
-    """
-    perturbed, num, den = {}, 0.0, 0.0
-    gen = torch.Generator().manual_seed(unit_seed(seed, unit.label))
+def gaussian_weights(system, unit: Unit, noise: Gaussian) -> dict:
+    """``{name: theta + sigma_rel * rms(theta) * xi}`` for the tensors of ``unit``."""
+    gen = torch.Generator().manual_seed(unit_seed(noise.seed, unit.label))
+    out = {}
     for name in unit.params:
         w = system.get_parameter(name)
-        if kind == "quant":
-            new = rtn_quantize(w, bits, quant_granularity, system.channel_axis(name), group_size, symmetric)
-        else:
-            rms = float(w.double().pow(2).mean().sqrt()) if w.numel() else 0.0
-            xi = torch.randn(tuple(w.shape), generator=gen, dtype=w.dtype)  # drawn in the weight's dtype
-            new = w + (sigma_rel * rms) * xi
-        perturbed[name] = new
-        num += float((new.double() - w.double()).pow(2).sum())
-        den += float(w.double().pow(2).sum())
-    return perturbed, (math.sqrt(num / den) if den > 0 else 0.0)
+        rms = float(w.double().pow(2).mean().sqrt()) if w.numel() else 0.0
+        xi = torch.randn(tuple(w.shape), generator=gen, dtype=w.dtype).to(w.device)
+        out[name] = w + (noise.sigma_rel * rms) * xi
+    return out
 
 
-def as_states(x0, dtype) -> torch.Tensor:
+def relative_size(system, perturbed: dict) -> float:
+    """``eps = ||delta|| / ||theta||`` over the tensors of ``perturbed`` (float64; 0 when both are 0)."""
+    num = den = 0.0
+    for name, new in perturbed.items():
+        w = system.get_parameter(name).double()
+        num += float((new.double() - w).pow(2).sum())
+        den += float(w.pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+def as_states(x0, dtype, device=None) -> torch.Tensor:
     """Initial states as a tensor ``(N, *S)`` of ``dtype``; ``ValueError`` if not a finite batch."""
     if isinstance(x0, xr.DataArray):
         x0 = x0.values
-    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype)
+    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype=dtype, device=device)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must be a batch of initial states (N, *S) with N >= 1, got shape {tuple(x0.shape)}.")
     check_finite(x0, "initial states x0")
     return x0
 
 
-def _rms_divergence(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    """RMS over state elements of ``x - ref`` for states ``(T, B, *S)``: ``(B, T)`` float64, NaN -> +inf."""
-    diff = (x - ref).flatten(2)
-    d = (torch.linalg.vector_norm(diff, dim=2, dtype=torch.float64) / math.sqrt(diff.shape[2])).T.numpy()
-    return np.where(np.isnan(d), np.inf, d)
-
-
 def probe(
     model,
     x0,
-    kind: str = "gauss",
-    granularity: str = "tensor",
+    *,
     horizon: int = 20,
-    bits: int = 4,
-    sigma_rel: float = 1e-2,
-    units=None,
-    seed: int = 0,
-    depth: int = 1,
-    include=None,
-    exclude=None,
-    quant_granularity: str = "channel",
-    group_size: int | None = None,
-    symmetric: bool = True,
+    perturbation="gauss",
+    units="tensor",
+    calibration=None,
     dead_threshold: float | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
     executor=None,
+    progress: bool = True,
 ) -> xr.Dataset:
     """Score every unit of ``model`` by how fast its perturbation makes the rollout diverge.
 
@@ -117,166 +168,187 @@ def probe(
         swapped during the sweep and restored bit for bit afterwards.
     x0 : Tensor, ndarray or DataArray, shape ``(N, *S)``
         ``N`` initial states (dim ``window`` of the result).
-    kind : {"gauss", "quant"}
-        Gaussian relative noise (gamma_gauss) or the RTN residual at ``bits`` (gamma_quant).
-    granularity : {"tensor", "block"}
-        Units: one per parameter tensor, or one per module subtree at ``depth``.
     horizon : int
         Rollout length ``T`` in steps (>= 1); the curve covers leads 1..T.
-    bits : int
-        Probe bit width for ``kind="quant"``.
-    sigma_rel : float
-        Noise size relative to each tensor's RMS for ``kind="gauss"``.
-    units : list of Unit or dict, optional
-        Custom units (``{label: [names or patterns]}`` or :class:`~tqslite.units.Unit` list).
-    seed : int
-        Seeds the Gaussian noise of each unit together with its label.
-    depth, include, exclude
-        Passed to :func:`tqslite.units.make_units`.
-    quant_granularity, group_size, symmetric
-        RTN settings of the ``quant`` probe (per output channel, symmetric by default).
+    perturbation : "gauss", "quant", Gaussian or QuantResidual
+        Gaussian relative noise (gamma_gauss; ``Gaussian(sigma_rel=1e-2, seed=0)``) or a
+        quantizer's residual (gamma_quant; ``QuantResidual(Int(4), RTN())``).
+    units : "tensor", "block", TensorUnits, BlockUnits, dict or list of Unit
+        Which tensors are perturbed together (see :mod:`tqslite.units`).
+    calibration : Tensor, optional
+        States for a calibration-based quantizer in ``QuantResidual`` (GPTQ).
     dead_threshold : float, optional
         Also flag units with ``Lambda_u(T) <= dead_threshold`` as dead.
     batch_size : int, optional
         Windows per forward call (default: all ``N`` at once).
-    progress : bool
-        Show a tqdm progress bar over units.
     executor : concurrent.futures.Executor, optional
         Score the units in parallel: any executor with ``submit`` (a process pool, or a dask
         cluster's ``client.get_executor()``). Each task works on its own copy of the system;
         the unperturbed rollout is computed once here and sent with every task. Scores are
         identical to the serial run.
+    progress : bool
+        Show a tqdm progress bar over units.
 
     Returns
     -------
     xarray.Dataset
-        Dims ``unit``, ``lead`` (1..T), ``window`` (0..N-1). Variables: ``gamma(unit)``,
-        ``curve(unit, lead)`` = Lambda_u(t), ``eps(unit)``, ``n_params(unit)``, ``dead(unit)``,
-        ``nonfinite(unit)``, ``members(unit)`` (comma-joined parameter names) and
-        ``divergence(unit, window, lead)``. Dead units have ``gamma = curve = -inf``; units
-        whose rollout turned non-finite have ``gamma = +inf``. ``attrs`` record every setting.
+        Dims ``unit``, ``lead`` (1..T), ``window`` (0..N-1) and ``tensor`` (the member tensors).
+        Variables: ``gamma(unit)``, ``curve(unit, lead)`` = Lambda_u(t), ``eps(unit)``,
+        ``n_params(unit)``, ``dead(unit)``, ``unmeasured(unit)``, ``nonfinite(unit)``,
+        ``n_zero_windows(unit)``, ``divergence(unit, window, lead)``, ``d_floor(window, lead)``
+        and ``tensor_unit(tensor)`` (:func:`tqslite.units.units_of` reads the units back).
+        ``attrs`` record every setting.
     """
     system = as_system(model)
-    if kind not in ("gauss", "quant"):
-        raise ValueError(f"kind={kind!r}: use 'gauss' (a-priori Gaussian probe) or 'quant' (RTN residual).")
+    perturbation = as_perturbation(perturbation)
     if isinstance(horizon, bool) or int(horizon) != horizon or horizon < 1:
         raise ValueError(f"horizon={horizon!r}: the rollout needs at least 1 step (an integer >= 1).")
     horizon = int(horizon)
-    if kind == "quant":
-        bits = check_bits(bits, symmetric)
-    elif not (math.isfinite(sigma_rel) and sigma_rel > 0):
-        raise ValueError(f"sigma_rel={sigma_rel!r}: the Gaussian probe needs a positive, finite size.")
-    names = system.parameter_names()
-    if units is None:
-        unit_list = make_units(names, granularity, depth, include, exclude)
-    elif isinstance(units, dict):
-        unit_list = make_units(names, custom=units, include=include, exclude=exclude)
-    else:
-        unit_list = check_units(units, names)
+    unit_list = resolve_units(units, system.parameter_names())
     for u in unit_list:
         for p in u.params:
             check_finite(system.get_parameter(p), f"parameter {p!r}")
     x0 = as_states(x0, system.dtype)
-    n_win = x0.shape[0]
-    settings = dict(kind=kind, bits=bits, sigma_rel=sigma_rel, seed=seed, quant_granularity=quant_granularity,
-                    group_size=group_size, symmetric=symmetric)
-    batch_size = batch_size or n_win
+    batch_size = batch_size or x0.shape[0]
 
     with system.evaluating():
         ref = reference_rollout(system, x0, horizon, batch_size)  # computed once, reused for every unit
-        bar = dict(desc=f"TQS probe ({kind})", total=len(unit_list), disable=not progress)
+        quantized = {}
+        if isinstance(perturbation, QuantResidual):  # the whole model quantized once
+            configs = {p: perturbation.config for u in unit_list for p in u.params}
+            quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
+        tasks = [_perturbed(system, u, perturbation, quantized) for u in unit_list]
+        bar = dict(desc=f"TQS probe ({perturbation.kind})", total=len(unit_list), disable=not progress)
         if executor is None:
-            results = [score_unit(system, u, x0, ref, batch_size, settings) for u in tqdm(unit_list, **bar)]
+            results = [score_unit(system, x0, ref, batch_size, w) for w in tqdm(tasks, **bar)]
         else:
-            futures = [executor.submit(_score_unit_on_copy, system, u, x0, ref, batch_size, settings)
-                       for u in unit_list]
+            futures = [executor.submit(_score_unit_on_copy, system, x0, ref, batch_size, w) for w in tasks]
             results = [f.result() for f in tqdm(futures, **bar)]
-    eps = np.array([e for e, _ in results])
-    div = np.stack([d for _, d in results])
-    return assemble_scores(unit_list, system, eps, div, dead_threshold, dict(
-        kind=kind, granularity="custom" if units is not None else granularity, horizon=horizon,
-        bits=bits if kind == "quant" else "none", sigma_rel=sigma_rel if kind == "gauss" else "none",
-        seed=seed, depth=depth, quant_granularity=quant_granularity, group_size=group_size or "none",
-        symmetric=int(symmetric), n_windows=n_win, dtype=str(x0.dtype).removeprefix("torch."),
-        d_floor=D_FLOOR, dead_threshold="none" if dead_threshold is None else dead_threshold,
-        include=",".join(include or []) or "none", exclude=",".join(exclude or []) or "none",
-        system=type(system).__name__ if not hasattr(system, "module") else type(system.module).__name__,
+        eps = np.array([e for e, _ in results])
+        div = np.stack([d for _, d in results])
+        unmeasured = eps == 0
+        if isinstance(perturbation, QuantResidual):  # not free: measure them with the Gaussian instead
+            for i in np.flatnonzero(unmeasured):
+                eps[i], div[i] = score_unit(system, x0, ref, batch_size,
+                                            gaussian_weights(system, unit_list[i], perturbation.fallback))
+    floor = divergence_floor(ref)
+    spec = units if isinstance(units, (list, tuple)) else as_unit_spec(units)
+    return assemble_scores(unit_list, system, eps, div, floor, unmeasured, dead_threshold, dict(
+        **perturbation.describe(), horizon=horizon, units=_describe_units(spec), n_windows=x0.shape[0],
+        dtype=str(x0.dtype).removeprefix("torch."), dead_threshold="none" if dead_threshold is None else dead_threshold,
+        system=type(getattr(system, "module", system)).__name__,
     ))
+
+
+def _describe_units(spec) -> str:
+    if isinstance(spec, (dict, list, tuple)):
+        return "custom"
+    return repr(spec)
+
+
+def _perturbed(system, unit: Unit, perturbation, quantized: dict) -> dict:
+    """The perturbed weights ``{name: theta_p + delta_p}`` of one unit."""
+    if isinstance(perturbation, Gaussian):
+        return gaussian_weights(system, unit, perturbation)
+    return {p: quantized[p] for p in unit.params}
 
 
 def reference_rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
     """The unperturbed rollout ``(T, N, *S)``; ``ValueError`` naming the lead where it turns non-finite."""
     ref = rollout(system, x0, horizon, batch_size)
     if not torch.isfinite(ref).all():
-        bad = int(torch.nonzero(~torch.isfinite(ref.flatten(1)).all(1))[0]) + 1
+        bad = int(torch.nonzero(~torch.isfinite(ref.flatten(2)).all(2).all(1))[0]) + 1
         raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
                          "or initial states inside the model's range.")
     return ref
 
 
+def _rms(x: torch.Tensor) -> np.ndarray:
+    """RMS over state elements of states ``(T, B, *S)``: ``(B, T)`` float64 on the CPU."""
+    flat = x.flatten(2)
+    return (torch.linalg.vector_norm(flat, dim=2, dtype=torch.float64) / math.sqrt(flat.shape[2])).T.cpu().numpy()
+
+
+def divergence_floor(ref: torch.Tensor) -> np.ndarray:
+    """``d_floor (window, lead)``: one unit of the dtype's resolution at the reference state's RMS."""
+    rms = _rms(ref)
+    return np.maximum(torch.finfo(ref.dtype).eps * rms, np.finfo(np.float64).tiny)
+
+
 def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int) -> np.ndarray:
     """RMS divergence ``(window, lead)`` of the system's rollout from ``ref``; once non-finite, ``+inf``."""
-    div = _rms_divergence(rollout(system, x0, ref.shape[0], batch_size), ref)
+    div = _rms(rollout(system, x0, ref.shape[0], batch_size) - ref)
+    div = np.where(np.isnan(div), np.inf, div)
     div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
     return div
 
 
-def score_unit(system, unit: Unit, x0: torch.Tensor, ref: torch.Tensor, batch_size: int,
-               settings: dict) -> tuple[float, np.ndarray]:
+def score_unit(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, perturbed: dict):
     """The probe's work for one unit: ``(eps_u, divergence (window, lead))``.
 
-    Perturbs the unit (``settings``: the keyword arguments of :func:`perturbation`), rolls out
-    from ``x0``, compares with the unperturbed rollout ``ref`` ``(T, N, *S)`` and restores the
-    weights exactly. Once a window's rollout is non-finite its divergence stays ``+inf``.
+    Swaps in the unit's perturbed weights ``{name: tensor}``, rolls out from ``x0``, compares with
+    the unperturbed rollout ``ref`` ``(T, N, *S)`` and restores the weights exactly. Once a
+    window's rollout is non-finite its divergence stays ``+inf``.
     """
-    perturbed, eps = perturbation(system, unit, **settings)
+    eps = relative_size(system, perturbed)
     if eps == 0:
-        return eps, np.zeros((x0.shape[0], ref.shape[0]))  # nothing to perturb: dead, no rollout needed
+        return eps, np.zeros((x0.shape[0], ref.shape[0]))  # nothing to perturb: no rollout needed
     with swapped(system, perturbed):
         return eps, rollout_divergence(system, x0, ref, batch_size)
 
 
-def _score_unit_on_copy(system, unit, x0, ref, batch_size, settings):
+def _score_unit_on_copy(system, x0, ref, batch_size, perturbed):
     """:func:`score_unit` on a private copy of the system, for executors (threads would share it)."""
     system = copy.deepcopy(system)
     with system.evaluating():
-        return score_unit(system, unit, x0, ref, batch_size, settings)
+        return score_unit(system, x0, ref, batch_size, perturbed)
 
 
-def curves_from_divergence(div: np.ndarray, eps: np.ndarray) -> np.ndarray:
-    """``Lambda(unit, lead) = mean over windows of log(max(d, d_floor) / eps)``; ``div`` is (unit, window, lead)."""
+def curves_from_divergence(div: np.ndarray, eps: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """``Lambda(unit, lead) = mean over windows of log(max(d, d_floor) / eps)``.
+
+    ``div`` is ``(unit, window, lead)``, ``eps`` ``(unit,)``, ``floor`` ``(window, lead)``.
+    """
     with np.errstate(divide="ignore"):
-        logd = np.log(np.maximum(div, D_FLOOR)) - np.log(eps)[:, None, None]
+        logd = np.log(np.maximum(div, floor[None])) - np.log(eps)[:, None, None]
     return logd.mean(axis=1)
 
 
-def assemble_scores(units, system, eps, div, dead_threshold, attrs) -> xr.Dataset:
+def assemble_scores(units, system, eps, div, floor, unmeasured, dead_threshold, attrs) -> xr.Dataset:
     """The probe's result Dataset from per-unit ``eps`` ``(unit,)`` and divergence ``(unit, window, lead)``."""
     horizon = div.shape[2]
-    curve = curves_from_divergence(div, eps)
+    curve = curves_from_divergence(div, eps, floor)
     nonfinite = np.isinf(div).any(axis=(1, 2))
-    dead = (eps == 0) | ((div == 0).all(axis=(1, 2)) & ~nonfinite)
+    zero_windows = (div == 0).all(axis=2)
+    dead = (eps > 0) & zero_windows.all(axis=1) & ~nonfinite
     if dead_threshold is not None:
-        dead |= (curve[:, -1] <= dead_threshold) & ~nonfinite
-    curve[dead] = -np.inf
+        dead |= (curve[:, -1] <= dead_threshold) & ~nonfinite & (eps > 0)
+    curve[dead | (eps == 0)] = -np.inf
     gamma = curve[:, -1] / horizon
     labels = [u.label for u in units]
     n_params = [sum(system.get_parameter(p).numel() for p in u.params) for u in units]
-    return xr.Dataset(
+    ds = xr.Dataset(
         {
             "gamma": ("unit", gamma, {"long_name": "TQS score gamma_u(T) = Lambda_u(T) / T", "units": "1/step"}),
             "curve": (("unit", "lead"), curve, {"long_name": "log-amplification Lambda_u(t)", "units": "1"}),
             "eps": ("unit", eps, {"long_name": "relative perturbation size ||delta_u|| / ||theta_u||"}),
             "n_params": ("unit", np.asarray(n_params, dtype=np.int64)),
-            "dead": ("unit", dead, {"long_name": "perturbation is zero or leaves the trajectory unchanged"}),
+            "dead": ("unit", dead, {"long_name": "the perturbation leaves every trajectory unchanged"}),
+            "unmeasured": ("unit", np.asarray(unmeasured, bool),
+                           {"long_name": "the probe's own perturbation was zero (re-probed with Gaussian noise "
+                                         "where it could be)"}),
             "nonfinite": ("unit", nonfinite, {"long_name": "perturbed rollout turned non-finite"}),
-            "members": ("unit", np.asarray([",".join(u.params) for u in units], dtype=object)),
+            "n_zero_windows": ("unit", np.where(dead, 0, zero_windows.sum(axis=1)).astype(np.int64),
+                               {"long_name": "windows whose divergence is exactly 0 at every lead"}),
             "divergence": (("unit", "window", "lead"), div,
                            {"long_name": "RMS divergence from the unperturbed rollout", "units": "state units"}),
+            "d_floor": (("window", "lead"), floor,
+                        {"long_name": "floor under the divergence: finfo(dtype).eps * RMS of the reference state"}),
         },
         coords={"unit": labels, "lead": np.arange(1, horizon + 1), "window": np.arange(div.shape[1])},
         attrs={"title": "TQS probe scores", **attrs},
     )
+    return ds.merge(membership(units))
 
 
 def gamma_at(scores: xr.Dataset, lead: int) -> xr.DataArray:

@@ -139,7 +139,7 @@ def rollout(system, x0: torch.Tensor, steps: int, batch_size: int | None = None)
         for t in range(steps):
             x = system.step(x)
             if out is None:
-                out = torch.empty((steps, len(x0), *x.shape[1:]), dtype=x.dtype)
+                out = torch.empty((steps, len(x0), *x.shape[1:]), dtype=x.dtype, device=x.device)
             out[t, i:i + batch_size] = x
     return out if out is not None else torch.empty((0, *x0.shape), dtype=x0.dtype)
 

@@ -187,6 +187,21 @@ def probe_states(name: str, split: str = "validation", n: int = 16, horizon: int
     return win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
 
 
+def calibration_states(name: str, n: int = 32, seed: int = 0, prep: Prepared | None = None) -> torch.Tensor:
+    """``n`` training states of model ``name`` as its module takes them: GPTQ's calibration data.
+
+    Grids: states ``(n, C, lat, lon)`` drawn without replacement from the training period;
+    series: context windows ``(n, L)``. Sorted in time; seeded.
+    """
+    prep = prep or prepare(name)
+    module = module_of(name)
+    rng = np.random.default_rng(seed)
+    train = torch.from_numpy(prep.train)
+    if module.LAYOUT == "grid":
+        return train[np.sort(rng.choice(len(train) - 1, n, replace=False))]
+    return train[np.sort(rng.choice(len(train), n, replace=False)), :module.ARCH["context"]]
+
+
 def heldout_windows(name: str, n: int, horizon: int, seed: int = 0, prep: Prepared | None = None):
     """``n`` initial states of model ``name`` from its held-out data, and the truth that follows.
 

@@ -2,7 +2,7 @@
 
 Each function returns an :class:`xarray.Dataset` like :func:`tqslite.probe` does (dims ``unit``
 and ``lead``; ``gamma``, ``curve``, ``eps``, ``n_params``, ``dead``, ``nonfinite``,
-``members``), with a single lead whose ``curve`` is the log of the unit's sensitivity ``s_u``.
+``tensor_unit``), with a single lead whose ``curve`` is the log of the unit's sensitivity ``s_u``.
 :func:`tqslite.cost_table` then prices option ``b`` as ``eps_u(b) * s_u`` (``linear``) or
 ``(eps_u(b) * s_u)**2`` (``quadratic``):
 
@@ -24,7 +24,7 @@ import xarray as xr
 
 from ..probe import probe, unit_seed
 from ..systems import as_system
-from ..units import make_units
+from ..units import membership, resolve_units
 
 
 def _layout(system, units, log_s: np.ndarray, method: str, **attrs) -> xr.Dataset:
@@ -37,12 +37,12 @@ def _layout(system, units, log_s: np.ndarray, method: str, **attrs) -> xr.Datase
             "eps": ("unit", np.ones(len(units))),
             "n_params": ("unit", np.array([sum(system.get_parameter(p).numel() for p in u.params) for u in units])),
             "dead": ("unit", dead),
+            "unmeasured": ("unit", np.zeros(len(units), bool)),
             "nonfinite": ("unit", np.zeros(len(units), bool)),
-            "members": ("unit", np.array([",".join(u.params) for u in units], dtype=object)),
         },
         coords={"unit": [u.label for u in units], "lead": [1]},
         attrs={"title": f"{method} sensitivity scores", "kind": method, "horizon": 1, **attrs},
-    )
+    ).merge(membership(units))
 
 
 def one_step_scores(model, x0, **kwargs) -> xr.Dataset:
@@ -50,23 +50,23 @@ def one_step_scores(model, x0, **kwargs) -> xr.Dataset:
     return probe(model, x0, horizon=1, **kwargs)
 
 
-def range_scores(model, granularity="tensor", depth=1, include=None, exclude=None) -> xr.Dataset:
+def range_scores(model, units="tensor") -> xr.Dataset:
     """``s_u`` = the largest ``max - min`` over the unit's tensors (0-range units are dead)."""
     system = as_system(model)
-    units = make_units(system.parameter_names(), granularity, depth, include, exclude)
+    units = resolve_units(units, system.parameter_names())
     rng = []
     for u in units:
         r = max(float(system.get_parameter(p).max() - system.get_parameter(p).min()) for p in u.params)
         rng.append(np.log(r) if r > 0 else -np.inf)
-    return _layout(system, units, rng, "range", granularity=granularity)
+    return _layout(system, units, rng, "range")
 
 
-def random_scores(model, seed=0, granularity="tensor", depth=1, include=None, exclude=None) -> xr.Dataset:
+def random_scores(model, seed=0, units="tensor") -> xr.Dataset:
     """``log s_u ~ N(0, 1)``, seeded by ``(seed, unit label)``."""
     system = as_system(model)
-    units = make_units(system.parameter_names(), granularity, depth, include, exclude)
+    units = resolve_units(units, system.parameter_names())
     log_s = [np.random.default_rng(unit_seed(seed, u.label)).normal() for u in units]
-    return _layout(system, units, log_s, "random", granularity=granularity, seed=seed)
+    return _layout(system, units, log_s, "random", seed=seed)
 
 
 def mse_loss(model, batch) -> torch.Tensor:
@@ -113,8 +113,8 @@ def hutchinson_traces(module: torch.nn.Module, batches, names, n_samples: int = 
     return {n: t / max(n_batches, 1) for n, t in traces.items()}
 
 
-def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=mse_loss, granularity="tensor",
-                   depth=1, include=None, exclude=None) -> xr.Dataset:
+def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=mse_loss,
+                   units="tensor") -> xr.Dataset:
     """HAWQ-V2 sensitivities from the training loss's Hessian trace per unit.
 
     ``s_u**2 = trace_u / n_u * ||theta_u||**2``, so that with ``objective="quadratic"`` (set in
@@ -130,7 +130,7 @@ def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=m
     module = getattr(system, "module", None)
     if module is None:
         raise TypeError("hessian_scores needs a torch module (it differentiates the loss); TQS does not.")
-    units = make_units(system.parameter_names(), granularity, depth, include, exclude)
+    units = resolve_units(units, system.parameter_names())
     traces = hutchinson_traces(module, batches, [p for u in units for p in u.params], n_samples, seed, loss_fn)
     per_param, norm2 = [], []
     for u in units:
@@ -141,8 +141,7 @@ def hessian_scores(model, batches, n_samples: int = 16, seed: int = 0, loss_fn=m
     floor = per_param[positive].min() if positive.any() else 1.0
     with np.errstate(divide="ignore"):
         log_s = 0.5 * np.log(np.where(positive, per_param, floor) * norm2)  # -inf only for all-zero weights
-    ds = _layout(system, units, log_s, "hessian", granularity=granularity, n_samples=n_samples, seed=seed,
-                 objective="quadratic")
+    ds = _layout(system, units, log_s, "hessian", n_samples=n_samples, seed=seed, objective="quadratic")
     ds["trace"] = ("unit", per_param * ds["n_params"].values, {"long_name": "Hutchinson estimate of tr(H_u)"})
     ds["floored"] = ("unit", ~positive, {"long_name": "trace estimate <= 0, floored"})
     return ds
