@@ -9,7 +9,8 @@ import xarray as xr
 from conftest import linear_system, same_weights, snapshot
 from torch import nn
 
-from tqslite import gamma_at, rtn_quantize
+import tqslite
+from tqslite import Int, gamma_at, rtn_quantize
 from tqslite.activations import (
     activation_costs,
     activation_grid,
@@ -59,7 +60,7 @@ def test_per_sample_minmax_grid_is_tqslite_asymmetric_rtn():
     for bits in (2, 4, 8):
         flat = y.flatten(1)
         q = fake_quantize(y, flat.amin(1), flat.amax(1), bits)
-        ref = rtn_quantize(flat, bits, granularity="channel", axis=0, symmetric=False).reshape(y.shape)
+        ref = rtn_quantize(flat, Int(bits, symmetric=False)).reshape(y.shape)
         assert torch.equal(q, ref)
 
 
@@ -292,7 +293,7 @@ def test_activation_gamma_approaches_log_spectral_radius_of_a_linear_map():
     # sum of T terms of size ~ rho^T, so Lambda(T) = T log(rho) + O(log T) and gamma(T) -> log(rho).
     system = linear_system(EIGS)
     scores = probe_activations(system, states(8, 6), horizon=400, progress=False)
-    assert scores.sizes == {"unit": 1, "lead": 400, "window": 8}
+    assert scores.sizes == {"unit": 1, "lead": 400, "window": 8, "tensor": 1}
     assert abs(float(scores["eps"][0]) - 1e-2) < 1e-3
     assert abs(float(gamma_at(scores, 400)[0]) - math.log(RHO)) < 0.01
     curve = scores["curve"][0]
@@ -319,7 +320,7 @@ def test_activation_probe_same_seed_same_scores_and_layers_do_not_interact(mlp, 
     part = probe_activations(mlp, x0, horizon=6, seed=7, modules=["4", "0"], progress=False)
     np.testing.assert_array_equal(part["gamma"].values, full["gamma"].sel(unit=["0", "4"]).values)
     assert list(full["unit"].values) == ["0", "2", "4"]
-    assert full["members"].sel(unit="2").item() == "2.weight,2.bias"
+    assert tqslite.units.units_of(full)[1].params == ("2.weight", "2.bias")
     assert same_weights(mlp, before) and mlp.training
     assert all(not m._forward_hooks for m in mlp.modules())
 

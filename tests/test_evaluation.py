@@ -65,7 +65,7 @@ def test_station_series_are_unweighted():
 def test_compare_plans_float_row_is_zero_and_model_untouched(mlp, x0):
     import tqslite
     scores = tqslite.probe(mlp, x0, horizon=5, progress=False)
-    plans = {"tqs": tqslite.allocate(scores, mlp, budget_bits=4.5), "rtn4": tqslite.uniform_plan(scores, mlp, 4)}
+    plans = {"tqs": tqslite.allocate(scores, mlp, budget_bits=4.5), "rtn4": tqslite.uniform_plan(mlp, 4)}
     before = {n: p.clone() for n, p in mlp.state_dict().items()}
     truth = tqslite.evaluation.forecast(mlp, x0, 5) + 0.1
     res = tqslite.evaluation.compare_plans(mlp, plans, x0, 5, truth=truth, keep=())

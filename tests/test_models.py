@@ -11,7 +11,7 @@ import torch
 import tqslite
 from tqslite import data as D
 from tqslite import models, train
-from tqslite.allocation import Plan
+
 from tqslite.onnx_system import OnnxSystem, export_onnx
 
 GRID_MODELS = ["pangu_lite", "aurora_lite"]
@@ -57,7 +57,7 @@ def initial_states(name, loaded, heldout_states, n):
 def test_the_probe_runs_on_every_model(name, granularity, loaded, heldout_states):
     system = loaded[name][0]
     x0 = initial_states(name, loaded, heldout_states, 2)
-    scores = tqslite.probe(system, x0, granularity=granularity, horizon=2, progress=False)
+    scores = tqslite.probe(system, x0, units=granularity, horizon=2, progress=False)
     gamma, dead = scores["gamma"].values, scores["dead"].values
     assert len(gamma) == len(set(scores["unit"].values)) > 1
     assert np.all(np.isfinite(gamma) | dead), scores["unit"].values[~(np.isfinite(gamma) | dead)]
@@ -73,7 +73,7 @@ def test_block_units_of_the_onnx_graph_are_the_torch_blocks(loaded):
     torch_names = loaded["pangu_lite"][0].parameter_names()
     onnx_sys = loaded["pangu_lite_onnx"][0]
     assert sorted(onnx_sys.parameter_names()) == sorted(torch_names)
-    units = {u.label: set(u.params) for u in tqslite.make_units(onnx_sys.parameter_names(), "block", depth=2)}
+    units = {u.label: set(u.params) for u in tqslite.make_units(onnx_sys.parameter_names(), tqslite.BlockUnits(2))}
     assert units["blocks.1"] == {n for n in torch_names if n.startswith("blocks.1.")}
     # a Linear weight applied to tokens is a MatMul initializer (in, out): its output channel is axis 1
     w = onnx_sys.get_parameter("blocks.0.attn.qkv.weight")
@@ -93,12 +93,13 @@ def test_onnx_and_torch_agree_over_a_20_step_rollout(loaded, heldout_states):
 
 def test_a_quantized_onnx_copy_matches_the_quantized_torch_model(loaded, heldout_states):
     torch_sys, onnx_sys = loaded["pangu_lite"][0], loaded["pangu_lite_onnx"][0]
-    units = tqslite.make_units(torch_sys.parameter_names(), "block")
-    plan = Plan(bits={u.label: 4 for u in units}, members={u.label: u.params for u in units},
-                n_params={u.label: 1 for u in units}, size_bits=0, predicted_error=0.0, objective_value=0.0)
     before = {n: onnx_sys.get_parameter(n).clone() for n in onnx_sys.parameter_names()}
-    q_onnx = tqslite.apply_plan(onnx_sys, plan)
-    q_torch = tqslite.apply_plan(torch_sys.module, plan)
+    # the graph stores a token Linear's weight transposed, as MatMul's (in, out): a plan is made on the
+    # system it is applied to, and the per-output-channel axis is read from the consuming node
+    with pytest.raises(ValueError, match="has shape \\(192, 64\\), the model's \\(64, 192\\)"):
+        tqslite.apply_plan(onnx_sys, tqslite.uniform_plan(torch_sys, 4, units="block"))
+    q_onnx = tqslite.apply_plan(onnx_sys, tqslite.uniform_plan(onnx_sys, 4, units="block"))
+    q_torch = tqslite.apply_plan(torch_sys.module, tqslite.uniform_plan(torch_sys, 4, units="block"))
     assert all(torch.equal(onnx_sys.get_parameter(n), w) for n, w in before.items())   # original untouched
     x0 = torch.from_numpy(D.initial_states(heldout_states, 2).values)
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_a_quantized_onnx_copy_matches_the_quantized_torch_model(loaded, heldout
 
 def test_probing_the_onnx_graph_and_the_torch_model_ranks_units_alike(loaded, heldout_states):
     x0 = torch.from_numpy(D.initial_states(heldout_states, 2).values)
-    kw = dict(kind="quant", granularity="tensor", horizon=4, progress=False)
+    kw = dict(perturbation="quant", units="tensor", horizon=4, progress=False)
     s_torch = tqslite.probe(loaded["pangu_lite"][0], x0, **kw)
     s_onnx = tqslite.probe(loaded["pangu_lite_onnx"][0], x0, **kw)
     labels = list(s_torch["unit"].values)

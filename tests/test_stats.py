@@ -45,7 +45,7 @@ def test_spearman_agreement_of_a_probe_with_itself_is_one(mlp, x0):
 
 def test_spearman_agreement_between_gauss_and_quant(mlp, x0):
     g = probe(mlp, x0, horizon=6, progress=False)
-    q = probe(mlp, x0, kind="quant", horizon=6, progress=False)
+    q = probe(mlp, x0, perturbation="quant", horizon=6, progress=False)
     out = spearman_agreement(g, q, n_boot=300)
     assert -1 <= out["lo"] <= out["rho"] <= out["hi"] <= 1
     by_units = spearman_agreement(g["gamma"], q["gamma"], n_boot=300)

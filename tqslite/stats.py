@@ -18,10 +18,10 @@ def _resampled_gamma(scores: xr.Dataset, idx: np.ndarray) -> np.ndarray:
     """gamma(T) of every unit for each row of window indices ``idx`` (n_boot, N): (n_boot, unit)."""
     T = scores.sizes["lead"]
     div = scores["divergence"].values[:, :, -1:]  # (unit, window, 1): only lead T matters
+    floor = scores["d_floor"].values[:, -1:]
     eps = scores["eps"].values
-    out = np.stack([curves_from_divergence(div[:, row], eps)[:, 0] / T for row in idx])
-    dead = scores["dead"].values
-    out[:, dead] = -np.inf
+    out = np.stack([curves_from_divergence(div[:, row], eps, floor[row])[:, 0] / T for row in idx])
+    out[:, scores["dead"].values | (eps == 0)] = -np.inf
     return out
 
 
