@@ -86,6 +86,11 @@ class Plan(Mapping):
         """``{unit: nominal bits}``: the code width of integer formats, 16 or 32 for the float ones."""
         return {u: c.bits for u, c in self.configs.items()}
 
+    @property
+    def n_params(self) -> dict:
+        """``{unit: number of parameters}``, from the member shapes."""
+        return {u: sum(math.prod(self.shapes[p]) for p in ps) for u, ps in self.members.items()}
+
     def tensor_configs(self) -> dict:
         """``{tensor name: configuration}`` for every member tensor."""
         return {p: self.configs[u] for u, ps in self.members.items() for p in ps}
