@@ -57,8 +57,7 @@ def test_sizes_match_and_the_float_model_is_untouched(compared):
 
 def test_errors_are_those_of_the_quantized_rollouts(compared):
     bench, _, result = compared
-    scores = tqslite.probe(bench.system, bench.x_probe, horizon=1, progress=False)
-    plan = tqslite.uniform_plan(scores, bench.system, 4)
+    plan = tqslite.uniform_plan(bench.system, 4)
     fc = forecast(tqslite.apply_plan(bench.system, plan), bench.x_eval, 3)
     ref = forecast(bench.system, bench.x_eval, 3)
     for against, target in (("float", ref), ("truth", bench.truth)):
@@ -72,17 +71,17 @@ def test_errors_are_those_of_the_quantized_rollouts(compared):
                                np.sqrt(((fc - ref) ** 2).sel(lead=3).mean("window").values), rtol=1e-12)
 
 
-def test_tqs_quadratic_is_the_tqs_scores_with_errors_added_in_quadrature(compared):
+def test_tqs_linear_is_the_tqs_scores_with_errors_added_linearly(compared):
     bench, _, result = compared
     scores = tqslite.probe(bench.system, bench.x_probe, horizon=bench.horizon, progress=False)  # same seed
     budget = float(result["budget_bits_per_param"].sel(budget="4b/channel"))
-    plan = tqslite.allocate(tqslite.cost_table(scores, bench.system, C.OPTIONS, "quadratic"), budget_bits=budget)
+    plan = tqslite.allocate(tqslite.cost_table(scores, bench.system, C.OPTIONS, "linear"), budget_bits=budget)
     fc = forecast(tqslite.apply_plan(bench.system, plan), bench.x_eval, 3)
     expected = ((fc - forecast(bench.system, bench.x_eval, 3)) ** 2).transpose("window", "lead", "variable").values
-    got = result["mse"].sel(scheme="tqs_quadratic", budget="4b/channel", against="float").values
+    got = result["mse"].sel(scheme="tqs_linear", budget="4b/channel", against="float").values
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     # it shares the TQS probe: the same sensitivity pass, counted in its cost
-    assert float(result["sensitivity_seconds"].sel(scheme="tqs_quadratic")) == float(
+    assert float(result["sensitivity_seconds"].sel(scheme="tqs_linear")) == float(
         result["sensitivity_seconds"].sel(scheme="tqs"))
 
 
@@ -193,7 +192,7 @@ def test_the_benchmark_command_writes_win_and_cost_tables(tmp_path):
     for name in cost["model"].values:
         wins = xr.load_dataset(out / f"wins_{name}.nc")
         assert set(np.unique(wins["outcome"].values)) <= {"win", "tie", "loss"}
-        assert set(wins["baseline"].values) == {"tqs_quadratic", "one_step", "hessian", "range", "random", "gptq", "qep", "rtn"}
+        assert set(wins["baseline"].values) == {"tqs_linear", "one_step", "hessian", "range", "random", "gptq", "qep", "rtn"}
         result = xr.load_dataset(out / f"comparison_{name}.nc")
         short = result["size_shortfall"].sel(scheme=list(C.MIXED))
         assert 0 <= float(short.min()) and float(short.max()) <= C.MATCH_TOLERANCE  # matched within 1 %

@@ -31,6 +31,7 @@ from .knapsack import InfeasibleBudget, solve_mckp
 from .plans import Plan, PlanSize, QuantizedModel, apply_plan, plan_size, quantize, uniform_plan
 from .probe import Gaussian, QuantResidual, gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
+from .gptq import GPTQ
 from .quantizers import RTN, MSEClip, QuantizedWeights, Quantizer, as_quantizer
 from .stats import bootstrap_gamma, spearman, spearman_agreement
 from .systems import Lorenz63, Lorenz96, TorchSystem, WindowedSystem, as_system, rollout
@@ -39,7 +40,7 @@ from .units import BlockUnits, TensorUnits, Unit, make_units
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_OPTIONS", "BlockUnits", "Float16", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
+    "DEFAULT_OPTIONS", "BlockUnits", "Float16", "GPTQ", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
     "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual",
     "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "TensorUnits", "TorchSystem", "Unit",
     "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",

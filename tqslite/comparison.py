@@ -189,7 +189,7 @@ def sensitivities(bench: Benchmark, units="tensor", kind: str = "gauss", n_hutch
     """Scores of every mixed-precision method, and the wall seconds of each pass.
 
     Returns ``(scores, seconds)``: two dicts keyed by score set (``tqs``, ``one_step``,
-    ``hessian``, ``range``, ``random``; ``tqs_quadratic`` uses ``tqs``'s). ``tqs`` is the probe of
+    ``hessian``, ``range``, ``random``; ``tqs_linear`` uses ``tqs``'s). ``tqs`` is the probe of
     ``kind`` over ``bench.horizon`` steps; ``one_step`` the same probe over one step; the others
     come from :mod:`tqslite.baselines.scores`. ``executor`` goes to both probes.
     """
@@ -222,7 +222,7 @@ def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size
     ``quantize_seconds`` (applying a plan, or running GPTQ), ``solve_seconds`` (the allocator)
     and ``size_shortfall`` (``1 - size / budget``), and ``table_seconds(scheme, grid)`` (pricing
     the options of a score set, once per grid). ``gptq_kwargs`` go to
-    :func:`tqslite.baselines.gptq_quantize` (e.g. ``act_order=True``).
+    :class:`tqslite.gptq.GPTQ` (e.g. ``act_order=False``).
     """
     system = bench.system
     budgets = [(int(b), str(g)) for b, g in budgets]

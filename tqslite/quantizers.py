@@ -75,7 +75,7 @@ class QuantizedWeights:
     @property
     def fallbacks(self) -> dict:
         """``{name: reason}`` for the tensors a calibration-based quantizer left to RTN."""
-        return {n: m.split("fallback: ", 1)[1].rstrip(")") for n, m in self.methods.items() if "fallback: " in m}
+        return {n: m.split("fallback: ", 1)[1].removesuffix(")") for n, m in self.methods.items() if "fallback: " in m}
 
     def __len__(self) -> int:
         return len(self.configs)
