@@ -12,7 +12,15 @@ get the same 32 calibration states, drawn from the training period as
 
 The sanity lines give the output error ``||W X - Q X||_F`` summed over the GPTQ layers, ``X``
 being each layer's inputs in the float model on the calibration states, for RTN, the old GPTQ
-and the new one. Everything printed is measured here, now.
+and the new one.
+
+The last table is a **mixed GPTQ plan against its budget**: TQS scores (Gaussian probe, tensor
+units, 8 validation states, 4 steps), a cost table priced with GPTQ's own residuals at 2-8 bits
+per channel (plus float16 and float), the exact allocator at 3 and 4 bits per parameter, then
+GPTQ applied with each unit's configuration. It prints the plan's size against the budget, the
+bits the quantizer actually stored (codes, scales and zero points counted tensor by tensor from
+its output, float tensors at their width), the mix of bit widths, and what GPTQ left to RTN.
+Everything printed is measured here, now.
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tqslite.config import Int, PerChannel, PerGroup  # noqa: E402
+from tqslite import allocate, cost_table, plan_size, probe, quantize  # noqa: E402
+from tqslite.config import Int, PerChannel, PerGroup, int_options  # noqa: E402
 from tqslite.gptq import LAYERS, GPTQ, Hessian  # noqa: E402
-from tqslite.models import load, module_of  # noqa: E402
+from tqslite.models import load  # noqa: E402
 from tqslite.quantization import rtn_codes  # noqa: E402
-from tqslite.train import prepare  # noqa: E402
+from tqslite.train import calibration_states, probe_states  # noqa: E402
 
 OLD_COMMIT = "7d7e836"
 MODELS = ("pangu_lite", "aurora_lite", "timesfm_lite")
@@ -61,15 +70,6 @@ OLD_RUNNER = textwrap.dedent("""
         result[grid] = (min(times), {k: v.clone() for k, v in q.state_dict().items()})
     torch.save(result, out_file)
 """)
-
-
-def calibration_states(name: str, n: int = 32, seed: int = 0) -> torch.Tensor:
-    """The calibration states :func:`tqslite.comparison.benchmark` draws (its first draw from ``seed``)."""
-    train = torch.from_numpy(prepare(name).train)
-    rng = np.random.default_rng(seed)
-    if module_of(name).LAYOUT == "grid":
-        return train[np.sort(rng.choice(len(train) - 1, n, replace=False))]
-    return train[np.sort(rng.choice(len(train), n, replace=False)), :module_of(name).ARCH["context"]]
 
 
 def run_old(name: str, bits: int, repeats: int, calibration: torch.Tensor, tmp: Path) -> dict:
@@ -124,6 +124,31 @@ def rtn_weights(module, bits, group_size) -> dict:
             for n, m in module.named_modules() if isinstance(m, LAYERS)}
 
 
+def mixed_plans(name: str, budgets=(3.0, 4.0)) -> list:
+    """Rows ``(model, budget, plan bits/param, stored bits/param, bit mix, RTN fallbacks, seconds)``."""
+    system, _ = load(name)
+    calibration = calibration_states(name)
+    x0 = torch.from_numpy(probe_states(name, "validation", 8, 4).values)
+    scores = probe(system, x0, horizon=4, progress=False)
+    t0 = time.perf_counter()
+    table = cost_table(scores, system, int_options(), quantizer=GPTQ(), calibration=calibration)
+    rows = []
+    for budget in budgets:
+        plan = allocate(table, budget_bits=budget)
+        qm = quantize(system, plan, GPTQ(), calibration)
+        stored = sum(qt.nbits for qt in qm.weights.tensors.values()) + sum(
+            w.numel() * (16 if qm.weights.configs[n].bits == 16 else torch.finfo(w.dtype).bits)
+            for n, w in qm.weights.floats.items())
+        n_params = sum(system.get_parameter(p).numel() for p in system.parameter_names())
+        mix = {}
+        for u, c in plan.items():
+            mix[c.label] = mix.get(c.label, 0) + plan.n_params[u]
+        mix = ", ".join(f"{k} {100 * v / n_params:.1f}%" for k, v in sorted(mix.items(), key=lambda kv: -kv[1]))
+        rows.append((name, budget, plan_size(plan, system).bits_per_param, stored / n_params, mix,
+                     len(qm.weights.fallbacks), time.perf_counter() - t0))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=3)
@@ -154,6 +179,11 @@ def main(argv=None):
     print(f"{'model':<14}{'grid':<10}{'RTN':>10}{'old GPTQ':>10}{'new GPTQ':>10}{'new/RTN':>10}")
     for name, grid, rtn, old, new in sanity:
         print(f"{name:<14}{grid:<10}{rtn:>10.3g}{old:>10.3g}{new:>10.3g}{new / rtn:>10.2f}")
+    print("\nA mixed GPTQ plan against its budget (TQS scores, cost table priced with GPTQ, exact allocator)\n")
+    print(f"{'model':<14}{'budget':>7}{'plan':>8}{'stored':>8}  {'RTN fallbacks':>13}  bit widths (share of parameters)")
+    for name in args.models:
+        for model, budget, planned, stored, mix, fallbacks, _ in mixed_plans(name):
+            print(f"{model:<14}{budget:>7.2f}{planned:>8.3f}{stored:>8.3f}  {fallbacks:>13}  {mix}")
 
 
 if __name__ == "__main__":
