@@ -60,3 +60,13 @@ def test_bootstrap_of_a_window_subset_uses_the_subset(mlp, x0):
     ci = bootstrap_gamma(sub, n_boot=50)
     lam = np.log(sub["divergence"].values[:, :, -1] / sub["eps"].values[:, None]).mean(1)
     np.testing.assert_allclose(ci["gamma"], lam / 6)
+
+
+def test_windows_are_paired_only_when_they_are_the_same_windows(mlp, x0):
+    a = probe(mlp, x0, horizon=6, progress=False)
+    other = probe(mlp, x0 + 0.5, horizon=6, progress=False)  # as many windows, other states
+    assert a.attrs["windows_sha256"] != other.attrs["windows_sha256"]
+    assert spearman_agreement(a, other, n_boot=50)["resampled"] == "units"
+    again = probe(mlp, x0.clone(), horizon=6, perturbation="quant", progress=False)
+    assert spearman_agreement(a, again, n_boot=50)["resampled"] == "windows"
+

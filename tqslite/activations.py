@@ -77,7 +77,8 @@ import xarray as xr
 from torch import nn
 from tqdm import tqdm
 
-from .probe import as_states, assemble_scores, divergence_floor, reference_rollout, rollout_divergence, unit_seed
+from .probe import (as_states, assemble_scores, divergence_floor, fingerprint, reference_rollout, rollout_divergence,
+                    unit_seed)
 from .config import Int
 from .quantization import FP16_MAX, fp16_ceil
 from .systems import as_system
@@ -944,7 +945,8 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
     units = [Unit(n, param_names[n]) for n in targets]
     scores = assemble_scores(units, system, eps, div, divergence_floor(ref), eps == 0, dead_threshold, dict(
         kind="activation_gauss", units="module", horizon=horizon, sigma_rel=sigma_rel,
-        seed=seed, n_windows=n_win, batch_size=batch_size, dtype=str(x0.dtype).removeprefix("torch."),
+        seed=seed, n_windows=n_win, windows_sha256=fingerprint(x0), batch_size=batch_size,
+        dtype=str(x0.dtype).removeprefix("torch."),
         dead_threshold="none" if dead_threshold is None else dead_threshold, system=type(net).__name__,
     ))
     scores["n_outputs"] = ("unit", n_out, {"long_name": "output elements per sample"})

@@ -146,6 +146,12 @@ def as_states(x0, dtype, device=None) -> torch.Tensor:
     return x0
 
 
+def fingerprint(x0: torch.Tensor) -> str:
+    """SHA-256 of the initial states (dtype, shape and values): two probes of the same windows share it."""
+    x = x0.detach().cpu().contiguous()
+    return hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode() + x.numpy().tobytes()).hexdigest()
+
+
 def probe(
     model,
     x0,
@@ -235,6 +241,7 @@ def probe(
     spec = units if isinstance(units, (list, tuple)) else as_unit_spec(units)
     return assemble_scores(unit_list, system, eps, div, floor, unmeasured, dead_threshold, dict(
         **perturbation.describe(), horizon=horizon, units=_describe_units(spec), n_windows=x0.shape[0],
+        windows_sha256=fingerprint(x0),
         dtype=str(x0.dtype).removeprefix("torch."), dead_threshold="none" if dead_threshold is None else dead_threshold,
         system=type(getattr(system, "module", system)).__name__,
     ))

@@ -1,48 +1,60 @@
-"""Uncertainty for probe scores: bootstrap over windows, and Spearman agreement between score sets.
+"""Uncertainty for probe scores: bootstrap intervals over windows, and Spearman agreement between score sets.
 
-The windows (initial states) of a probe are a sample; resampling them with replacement and
-recomputing ``gamma`` gives a confidence interval for each unit's score and for any rank statistic
-between two probes run on the same windows (SPEC section 2, "Uncertainty").
+The windows (initial states) of a probe are a sample. ``gamma_u(T)`` is a mean over windows of
+``log(max(d, d_floor) / eps_u) / T``, so resampling the windows with replacement gives a
+confidence interval for each unit's score, and for any rank statistic between two probes of the
+**same** windows, resampled jointly (paired). Both are :func:`scipy.stats.bootstrap` (percentile
+intervals); pairing is used only when two score sets were measured on the same initial states
+(the probe records a fingerprint of them, ``attrs["windows_sha256"]``), never because two samples
+happen to have the same size.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from scipy.stats import rankdata
-
-from .probe import curves_from_divergence
+from scipy.stats import bootstrap, rankdata
 
 
-def _resampled_gamma(scores: xr.Dataset, idx: np.ndarray) -> np.ndarray:
-    """gamma(T) of every unit for each row of window indices ``idx`` (n_boot, N): (n_boot, unit)."""
+def window_terms(scores: xr.Dataset) -> np.ndarray:
+    """``log(max(d, d_floor) / eps) / T`` per unit and window at the last lead: ``(unit, window)``.
+
+    Their mean over windows is ``gamma``; dead units and units without a perturbation are ``-inf``.
+    """
     T = scores.sizes["lead"]
-    div = scores["divergence"].values[:, :, -1:]  # (unit, window, 1): only lead T matters
-    floor = scores["d_floor"].values[:, -1:]
+    div = scores["divergence"].values[:, :, -1]
+    floor = scores["d_floor"].values[:, -1]
     eps = scores["eps"].values
-    out = np.stack([curves_from_divergence(div[:, row], eps, floor[row])[:, 0] / T for row in idx])
-    out[:, scores["dead"].values | (eps == 0)] = -np.inf
-    return out
+    with np.errstate(divide="ignore"):
+        terms = (np.log(np.maximum(div, floor[None, :])) - np.log(eps)[:, None]) / T
+    terms[scores["dead"].values | (eps == 0)] = -np.inf
+    return terms
+
+
+def _interval(res) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
 
 
 def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> xr.Dataset:
-    """Percentile bootstrap interval of ``gamma_u(T)`` over windows.
+    """Percentile bootstrap interval of ``gamma_u(T)`` over windows (:func:`scipy.stats.bootstrap`).
 
     Returns a Dataset with ``gamma``, ``gamma_lo`` and ``gamma_hi`` (dim ``unit``) and the
-    settings in ``attrs``. ``gamma`` is recomputed from the divergence of the windows present,
-    so a subset (``scores.isel(window=...)``) gets its own estimate, not the full sample's.
+    settings in ``attrs``. ``gamma`` is recomputed from the windows present, so a subset
+    (``scores.isel(window=...)``) gets its own estimate, not the full sample's. Dead units keep
+    ``-inf`` bounds.
     """
-    n = scores.sizes["window"]
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    boot = _resampled_gamma(scores, idx)
-    gamma = _resampled_gamma(scores, np.arange(n)[None, :])[0]  # from the windows present (after any isel)
-    alpha = (1 - ci) / 2
-    with np.errstate(invalid="ignore"):
-        lo, hi = np.quantile(boot, [alpha, 1 - alpha], axis=0)
+    terms = window_terms(scores)
+    gamma = terms.mean(axis=1)
+    lo, hi = gamma.copy(), gamma.copy()
+    finite = np.isfinite(terms).all(axis=1)
+    if finite.any() and terms.shape[1] > 1:
+        res = bootstrap((terms[finite],), np.mean, n_resamples=n_boot, confidence_level=ci, method="percentile",
+                        axis=-1, vectorized=True, random_state=np.random.default_rng(seed))
+        lo[finite], hi[finite] = _interval(res)
     return xr.Dataset(
         {"gamma": ("unit", gamma), "gamma_lo": ("unit", lo), "gamma_hi": ("unit", hi)},
         coords={"unit": scores["unit"].values},
-        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "resampled": "windows"},
+        attrs={"n_boot": n_boot, "ci": ci, "seed": seed, "resampled": "windows", "method": "percentile"},
     )
 
 
@@ -60,6 +72,13 @@ def _scores_of(x) -> xr.DataArray:
     if isinstance(x, xr.DataArray):
         return x
     raise TypeError("pass probe Datasets or DataArrays with a 'unit' dim.")
+
+
+def same_windows(a, b) -> bool:
+    """Whether two probe results were measured on the same initial states (their fingerprints match)."""
+    fa = getattr(a, "attrs", {}).get("windows_sha256")
+    return (isinstance(a, xr.Dataset) and isinstance(b, xr.Dataset) and "divergence" in a and "divergence" in b
+            and fa is not None and fa == b.attrs.get("windows_sha256"))
 
 
 def spearman_agreement(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
@@ -80,8 +99,9 @@ def spearman_agreement(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
     -------
     dict
         ``rho``, ``lo``, ``hi``, ``n_units`` and ``resampled``: ``"windows"`` when both are probe
-        Datasets over the same number of windows (windows resampled jointly, both gammas
-        recomputed), else ``"units"`` (pairs of scores resampled).
+        Datasets of the same initial states (:func:`same_windows`: the windows are resampled
+        jointly and both gammas recomputed from them, a paired bootstrap), else ``"units"`` (the
+        pairs of scores are resampled).
     """
     sa, sb = _scores_of(a), _scores_of(b)
     common = [u for u in sa["unit"].values if u in set(sb["unit"].values)]
@@ -92,19 +112,20 @@ def spearman_agreement(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
         raise ValueError(f"only {len(common)} unit(s) in common with finite scores: need at least 3 to rank.")
     va, vb = sa.sel(unit=common).values, sb.sel(unit=common).values
     rho = spearman(va, vb)
-    rng = np.random.default_rng(seed)
-    paired = (isinstance(a, xr.Dataset) and isinstance(b, xr.Dataset) and "divergence" in a and "divergence" in b
-              and a.sizes["window"] == b.sizes["window"])
-    if paired:
-        n = a.sizes["window"]
-        idx = rng.integers(0, n, size=(n_boot, n))
-        ga = _resampled_gamma(a.sel(unit=common), idx)
-        gb = _resampled_gamma(b.sel(unit=common), idx)
-        boot = np.array([spearman(x, y) for x, y in zip(ga, gb)])
-    else:
-        idx = rng.integers(0, len(common), size=(n_boot, len(common)))
-        boot = np.array([spearman(va[i], vb[i]) for i in idx])
-    alpha = (1 - ci) / 2
-    lo, hi = np.nanquantile(boot, [alpha, 1 - alpha])
+    paired = same_windows(a, b)
+    if paired:  # resample windows: both gammas are means over the same windows
+        data = (window_terms(a.sel(unit=common)), window_terms(b.sel(unit=common)))
+
+        def statistic(ta, tb, axis=-1):  # (unit, *resamples, window) -> rho per resample
+            ra, rb = rankdata(ta.mean(axis=axis), axis=0), rankdata(tb.mean(axis=axis), axis=0)
+            ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
+            return (ra * rb).sum(axis=0) / np.sqrt((ra**2).sum(axis=0) * (rb**2).sum(axis=0))
+
+        res = bootstrap(data, statistic, n_resamples=n_boot, confidence_level=ci, method="percentile", axis=1,
+                        paired=True, vectorized=True, random_state=np.random.default_rng(seed))
+    else:  # resample units: the pairs (score in a, score in b)
+        res = bootstrap((va, vb), spearman, n_resamples=n_boot, confidence_level=ci, method="percentile",
+                        paired=True, vectorized=False, random_state=np.random.default_rng(seed))
+    lo, hi = _interval(res)
     return {"rho": rho, "lo": float(lo), "hi": float(hi), "n_units": len(common),
             "resampled": "windows" if paired else "units"}
