@@ -275,10 +275,10 @@ def _read_checked(path) -> tuple[dict, bytes, bytes]:
                               f"has only {len(raw)} bytes.")
     try:
         header = json.loads(raw[8:8 + n])
-        meta = header.get("__metadata__") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path} is corrupted: its header is not valid JSON ({err}).") from None
-    if meta.get("format") != FORMAT:
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tqslite checkpoint (no \"format\": \"{FORMAT}\" in its metadata); "
                               "write one with tqslite.save_checkpoint or `tqslite quantize ... --out FILE.safetensors`.")
     data = raw[8 + n:]
@@ -338,14 +338,27 @@ def _check_architecture(path, qmap: dict, system) -> None:
                                   f"{_dtype_name(w.dtype)} in this model; convert the model first.")
 
 
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """:func:`tqslite.quantization.unpack_bits`, by shifts and masks when ``bits`` divides 8.
+
+    In the little-endian stream, value ``i`` of a width dividing 8 sits in byte ``i // (8 // bits)``
+    at bit ``(i % (8 // bits)) * bits``: 1, 2, 4 and 8 bits need no bit-by-bit unpacking (about
+    ten times faster on large tensors). Other widths go through ``unpack_bits``.
+    """
+    if 8 % bits:
+        return unpack_bits(packed.tobytes(), bits, count)
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((packed.reshape(-1, 1) >> shifts) & np.uint8(2**bits - 1)).reshape(-1)[:count]
+
+
 def _unpacked(arrays: dict, name: str, fmt: Int, shape: tuple, dtype: torch.dtype) -> QuantizedTensor:
     n_scales = fmt.n_scales(shape)
     numel = math.prod(shape)
-    codes = unpack_bits(arrays[f"{name}.codes"].tobytes(), fmt.bits, numel).astype(np.int32) + fmt.qmin
+    codes = _unpack(arrays[f"{name}.codes"], fmt.bits, numel).astype(np.int32) + fmt.qmin
     if fmt.symmetric:
         zero = np.zeros(n_scales, dtype=np.int32)
     else:
-        zero = unpack_bits(arrays[f"{name}.zero"].tobytes(), fmt.bits, n_scales).astype(np.int32)
+        zero = _unpack(arrays[f"{name}.zero"], fmt.bits, n_scales).astype(np.int32)
     scale = torch.from_numpy(np.array(arrays[f"{name}.scale"], dtype=np.float16))
     return QuantizedTensor.from_rows(torch.from_numpy(codes).reshape(n_scales, -1), scale, torch.from_numpy(zero),
                                      fmt, shape, dtype)
