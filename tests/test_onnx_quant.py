@@ -210,3 +210,13 @@ def test_cli_quantize_onnx_and_forecast_from_the_graph(tmp_path, capsys):
     assert float(abs(ds["forecast"] - ref).max()) < 1e-4
     assert main(["forecast", str(graph), "--model", "nosuch", "--out", str(fc)]) == 1
     assert "unknown model 'nosuch'" in capsys.readouterr().err
+
+
+def test_a_deployed_graph_keeps_its_weights_constant(tmp_path):
+    deployed = OnnxSystem(PANGU_ONNX, swappable=False)
+    swappable = OnnxSystem(PANGU_ONNX)
+    x = torch.from_numpy(heldout_windows("pangu_lite", 2, 1)[0].values)
+    assert float((deployed.step(x) - swappable.step(x)).abs().max()) < 1e-5
+    assert deployed._session.get_overridable_initializers() == []  # noqa: SLF001 - what onnxruntime was given
+    with pytest.raises(ValueError, match="runs its graph as deployed"):
+        deployed.set_parameter("norm.weight", torch.zeros(64))
