@@ -35,8 +35,9 @@ onnxruntime can pre-pack the ``MatMulNBits`` weights.
 Why not ``DequantizeLinear`` before every ``MatMul`` and let onnxruntime fuse? It does fuse
 ``DequantizeLinear -> MatMul`` into ``MatMulNBits``, but with ``accuracy_level=4`` by default
 (session option ``session.qdq_matmulnbits_accuracy_level``), which rounds the *activations* to
-int8 as well: measured here, output errors of order 1e-1 on a random 64 x 32 product, far from
-the fake-quant model. ``MatMulNBits`` written without ``accuracy_level`` computes in float32.
+int8 as well, so the product leaves the fake-quant model by far more than float rounding
+(``tests/test_onnx_quant.py::test_why_matmul_weights_are_written_as_matmulnbits`` measures both).
+``MatMulNBits`` written without ``accuracy_level`` computes in float32.
 
 What the bytes cost (measured by :func:`onnx_sizes`): 3-bit codes take 4 bits, 1-bit and 5-7-bit
 codes the next supported width; scales 4 bytes instead of 2; padding of ``K`` to a block of
