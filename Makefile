@@ -38,6 +38,7 @@ lab: $(STAMP)
 ## bench: print the performance ratios (not part of the tests)
 bench: $(STAMP)
 	$(PY) benchmarks/probe_throughput.py
+	$(PY) benchmarks/deployment.py
 
 ## baselines: every method at matched size on the shipped models: win and cost tables (SMOKE=1: quick)
 baselines: $(STAMP)

@@ -20,11 +20,15 @@ The pieces, one module per job:
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
 * :mod:`tqslite.baselines` -- GPTQ and the other sensitivity scores TQS is compared with;
-* :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables.
+* :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables;
+* :mod:`tqslite.checkpoint` -- packed checkpoints: a quantized model as a small safetensors file;
+* :mod:`tqslite.onnx_quant` -- low-bit ONNX graphs from a plan, for a stand-in or an existing graph
+  (``tqslite.export_quantized`` imports onnx and onnxruntime on first use).
 """
 
 from .activations import calibrate, probe_activations, quantized_activations
 from .allocation import allocate, cost_table, pareto, predicted_error
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .knapsack import InfeasibleBudget, solve_mckp
@@ -39,13 +43,23 @@ from .units import BlockUnits, TensorUnits, Unit, make_units
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # the ONNX writer needs onnx and onnxruntime: imported when it is first asked for, not with tqslite
+    if name == "export_quantized":
+        from .onnx_quant import export_quantized
+        return export_quantized
+    raise AttributeError(f"module 'tqslite' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_OPTIONS", "BlockUnits", "Float16", "GPTQ", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
     "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual",
     "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "TensorUnits", "TorchSystem", "Unit",
     "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
-    "calibrate", "cost_table", "finite_time_lyapunov", "gamma_at", "int_options", "jacobians", "lyapunov_spectrum",
-    "make_units", "pareto", "plan_size", "predicted_error", "probe", "probe_activations", "quantize",
-    "quantized_activations", "relative_error", "rollout", "rtn_quantize", "solve_mckp", "spearman",
-    "spearman_agreement", "sqnr_db", "storage_bits", "trajectory", "uniform_plan",
+    "calibrate", "cost_table", "export_quantized", "finite_time_lyapunov", "gamma_at", "int_options", "jacobians",
+    "load_checkpoint", "lyapunov_spectrum", "make_units", "pareto", "plan_size", "predicted_error", "probe",
+    "probe_activations", "quantize", "quantized_activations", "relative_error", "rollout", "rtn_quantize",
+    "save_checkpoint", "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "trajectory",
+    "uniform_plan",
 ]

@@ -5,7 +5,8 @@
     tqslite probe timesfm_lite --units block --horizon 8 --out scores.nc
     tqslite allocate scores.nc timesfm_lite --budget-bits 4 --quantizer gptq --out plan.json
     tqslite uniform timesfm_lite --bits 4 --group-size 32 --out uniform4.json
-    tqslite quantize timesfm_lite plan.json --quantizer gptq --out timesfm_lite_q.pt
+    tqslite quantize timesfm_lite plan.json --quantizer gptq --out q.safetensors --onnx q.onnx
+    tqslite forecast q.onnx --horizon 8 --windows 16 --out forecast.nc
     tqslite evaluate timesfm_lite plan.json uniform4.json --quantizer gptq --horizon 8 --out errors.nc
     tqslite pareto scores.nc timesfm_lite --budgets 3,4,5,6 --out front.nc
     tqslite run-notebook 06 -p bits 3 -p horizon 40 --out runs/pangu-b3
@@ -150,17 +151,97 @@ def _cmd_uniform(a) -> None:
     print(f"uniform {_config(a).label} plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
 
 
+def _example_state(name: str):
+    """One held-out state of a shipped model (``(1, *S)``): what an ONNX export traces."""
+    import torch
+
+    from .train import heldout_windows
+    x0, _ = heldout_windows(name, 1, 1)
+    return torch.from_numpy(x0.values)
+
+
 def _cmd_quantize(a) -> None:
+    import os
+
     import torch
 
     import tqslite
     system, _ = _model(a.model)
     plan = tqslite.Plan.load(a.plan)
     qm = tqslite.quantize(system, plan, a.quantizer, _calibration(a, a.model))
-    _write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
     for name, reason in qm.weights.fallbacks.items():
         print(f"  {name}: RTN ({reason})")
-    print(f"quantized state_dict written to {a.out} (weights dequantized on the {a.quantizer} grid)")
+    info = {"model": a.model, "plan": str(a.plan), "quantizer": a.quantizer}
+    if a.out.suffix == ".pt":  # the fake-quant state_dict, as large as the float one
+        _write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
+        print(f"quantized state_dict written to {a.out} (weights dequantized on the {a.quantizer} grid, stored in "
+              "float: as large as the original; use --out FILE.safetensors for the packed checkpoint)")
+    else:
+        from .checkpoint import checkpoint_sizes, save_checkpoint
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(qm, a.out, info=info)
+        sizes = checkpoint_sizes(a.out)
+        print(f"packed checkpoint written to {a.out}: {sizes['file']} bytes ({sizes['data']} of tensors, "
+              f"{sizes['header']} of header and quantization map); the plan stores {_sizes(plan, system)}")
+    if a.onnx is not None:
+        from .onnx_quant import export_quantized
+        export_quantized(qm, _example_state(a.model), a.onnx, info=info)
+        print(f"low-bit ONNX graph written to {a.onnx}: {os.path.getsize(a.onnx)} bytes")
+
+
+def _deployed(path: Path, model: str | None):
+    """``(system, model name)`` for a forecast from a file: packed checkpoint, ONNX graph or state_dict."""
+    import json
+
+    from . import models
+    suffix = path.suffix.lower()
+    if suffix not in (".onnx", ".safetensors", ".pt"):
+        raise CommandError(f"{path}: expected a .safetensors checkpoint, an .onnx graph or a .pt state_dict")
+    if model is None and suffix == ".onnx":
+        from .onnx_quant import read_info
+        model = read_info(path).get("model")
+    elif model is None and suffix == ".safetensors":
+        from .checkpoint import read_metadata
+        model = read_metadata(path)["info"].get("model")
+    if model is None:
+        raise CommandError(f"{path} does not say which model it is; add --model pangu_lite|aurora_lite|timesfm_lite")
+    if model not in models.MODELS:
+        raise CommandError(f"unknown model {model!r}; the shipped models are {', '.join(sorted(models.MODELS))}")
+    if suffix == ".onnx":
+        from .onnx_system import OnnxSystem
+        return OnnxSystem(path, swappable=False), model
+    meta = json.loads(models.checkpoint_path(model, ".json").read_text())
+    system = models.wrap(model, models.build_from_meta(model, meta).eval())
+    if suffix == ".safetensors":
+        from .checkpoint import load_checkpoint
+        load_checkpoint(path, system, inplace=True)
+    else:
+        import torch
+        system.module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return system, model
+
+
+def _cmd_forecast(a) -> None:
+    import xarray as xr
+
+    from .evaluation import forecast, rmse
+    from .models import module_of
+    from .train import heldout_windows
+    system, name = _deployed(a.file, a.model)
+    x0, truth = heldout_windows(name, a.windows, a.horizon, a.seed)
+    fc = forecast(system, x0, a.horizon)
+    ds = xr.Dataset({"forecast": fc, "truth": truth.astype(fc.dtype)})
+    ds.attrs.update(model=name, source=str(a.file), windows=a.windows, seed=a.seed,
+                    runtime="onnxruntime" if a.file.suffix.lower() == ".onnx" else "torch")
+    _write_atomic(a.out, ds.to_netcdf)
+    if module_of(name).LAYOUT == "grid":
+        err = rmse(fc.isel(lead=-1), truth.isel(lead=-1), keep=())
+    else:  # the state is the context window: score the newest patch
+        patch = module_of(name).ARCH["patch"]
+        err = rmse(fc.isel(lead=-1, dim_0=slice(-patch, None)), truth.isel(lead=-1, dim_0=slice(-patch, None)),
+                   keep=())
+    print(f"{a.windows} forecasts of {a.horizon} steps by {name} from {a.file} ({ds.attrs['runtime']}): RMSE vs truth "
+          f"at lead {a.horizon} = {float(err):.4g} (normalised); written to {a.out}")
 
 
 def _cmd_evaluate(a) -> None:
@@ -275,13 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True, help="plan file (.json)")
     q.set_defaults(run=_cmd_uniform)
 
-    q = sub.add_parser("quantize", help="apply a plan: the quantized state_dict (.pt)")
+    q = sub.add_parser("quantize", help="apply a plan: a packed checkpoint (.safetensors), a low-bit ONNX graph")
     model_args(q, backend=False)
     q.add_argument("plan", type=_existing, help="plan from 'tqslite allocate' or 'tqslite uniform'")
     quantizer_args(q, "the quantizer that applies the plan")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration states (default 0)")
-    q.add_argument("--out", type=Path, required=True, help="state_dict file (.pt)")
+    q.add_argument("--out", type=Path, required=True,
+                   help="packed checkpoint (.safetensors: codes at their bit width); a .pt name writes the "
+                        "fake-quant state_dict instead (float, full size)")
+    q.add_argument("--onnx", type=Path, default=None, help="also write the low-bit ONNX graph (.onnx)")
     q.set_defaults(run=_cmd_quantize)
+
+    q = sub.add_parser("forecast", help="roll out a quantized file (.safetensors or .onnx) from held-out states (netCDF)")
+    q.add_argument("file", type=_existing, help="a packed checkpoint (.safetensors), a graph (.onnx) or a .pt state_dict")
+    q.add_argument("--model", default=None,
+                   help="the shipped model the file belongs to (default: read from the file's metadata)")
+    state_args(q, 20)
+    q.add_argument("--out", type=Path, required=True, help="forecast file (.nc): forecast and truth")
+    q.set_defaults(run=_cmd_forecast)
 
     q = sub.add_parser("evaluate", help="rollout error of plans against float and truth (netCDF)")
     model_args(q)

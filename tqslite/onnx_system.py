@@ -178,6 +178,10 @@ class OnnxSystem:
         onnxruntime execution providers (default CPU).
     threads : int, optional
         onnxruntime intra-op threads (default: onnxruntime's choice).
+    swappable : bool
+        True (default): every initializer is fed with the state, so weights can be swapped.
+        False: the graph runs as deployed, its initializers constants (none a graph input), so
+        onnxruntime can fold and pre-pack them; :meth:`set_parameter` then refuses.
 
     Notes
     -----
@@ -186,15 +190,21 @@ class OnnxSystem:
     the session. No torch code of the model is involved.
     """
 
-    def __init__(self, model, providers=("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(self, model, providers=("CPUExecutionProvider",), threads: int | None = None,
+                 swappable: bool = True):
         _need_onnx()
         raw = Path(model).read_bytes() if isinstance(model, (str, Path)) else bytes(model)
         proto = onnx.load_from_string(raw)
         graph = proto.graph
         inputs = {i.name for i in graph.input}
         inits = {init.name: init for init in graph.initializer}
+        self.swappable = bool(swappable)
+        if not self.swappable:  # every initializer a constant
+            kept = [i for i in graph.input if i.name not in inits]
+            del graph.input[:]
+            graph.input.extend(kept)
         for name, init in inits.items():  # make every initializer overridable
-            if name not in inputs:
+            if self.swappable and name not in inputs:
                 graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
         data_inputs = [i for i in graph.input if i.name not in inits]
         if len(data_inputs) != 1 or len(graph.output) != 1:
@@ -218,7 +228,7 @@ class OnnxSystem:
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
         self._session = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=list(providers))
-        overridable = {i.name for i in self._session.get_overridable_initializers()}
+        overridable = {i.name for i in self._session.get_overridable_initializers()} if self.swappable else set()
         self._fed = [n for n in self._values if n in overridable]  # what session.run receives besides the state
 
     # -- the system protocol -------------------------------------------------------------------
@@ -239,6 +249,9 @@ class OnnxSystem:
 
     def set_parameter(self, name: str, value) -> None:
         """Replace initializer ``name`` by ``value`` (same shape; cast to its dtype, copied)."""
+        if not self.swappable:
+            raise ValueError(f"this OnnxSystem runs its graph as deployed (swappable=False): its weights are constants; "
+                             f"open the file with OnnxSystem(path) to swap {name!r}.")
         old = self._values[self._check(name)]
         new = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
         if new.shape != old.shape:
