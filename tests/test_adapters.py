@@ -242,6 +242,8 @@ def test_function_system_rollout_and_quantization_leave_the_callers_tensors_alon
     assert torch.allclose(q.abs().amax(0), w.abs().amax(0), rtol=1e-3)
     assert all(torch.equal(params[n], before[n]) for n in params), "the caller's tensors changed"
     assert not torch.equal(qm.model.get_parameter("dec.w"), params["dec.w"])
+    system.set_parameter("dec.w", torch.zeros(16, 3))      # the system's own entry, not the caller's tensor
+    assert torch.equal(params["dec.w"], before["dec.w"]) and not system.get_parameter("dec.w").any()
     with pytest.raises(ValueError, match="GPTQ needs a torch module"):
         tqslite.quantize(system, uniform_plan(system, Int(4)), GPTQ(), calibration=x0)
 

@@ -320,9 +320,8 @@ class BlockForecaster(TorchSystem):
     ----------
     module : nn.Module
         The whole step as a module, with the wrapped model's parameter names (what GPTQ
-        calibrates on system states).
-    model : nn.Module
-        The wrapped model (in a quantized copy, the quantized model).
+        calibrates on system states). :attr:`model` is the wrapped model (in a quantized copy,
+        the quantized model).
     accepts_missing : bool
         True with a mask: states may hold NaN.
 
@@ -353,7 +352,7 @@ class BlockForecaster(TorchSystem):
 
     @property
     def model(self) -> nn.Module:
-        """The wrapped model."""
+        """The wrapped model (in a quantized copy, the quantized model)."""
         return self.module.model
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
