@@ -29,7 +29,9 @@ calibration inputs through: :class:`BlockForecaster` and :class:`Forced` have on
 ``.module`` is an ``nn.Module`` whose forward is the *whole step* (normalisation, mask, model,
 reduction) and whose parameters are the wrapped model's, under the same names -- so GPTQ
 calibrates on **states of the system** (contexts, or :meth:`Forced.states`), exactly what the
-probe takes: ``quantize(system, plan, GPTQ(), calibration=states)``. GPTQ traces the step with
+probe takes: ``quantize(system, plan, GPTQ(), calibration=states)``. Pass complete contexts:
+GPTQ checks its traced graph against the module on the calibration states, and NaN never
+compares equal, so states with missing values send it to its hook fallback (with a warning). GPTQ traces the step with
 ``torch.fx``; a ``call`` that calls ``model(...)`` itself rather than ``model.forward(...)``
 cannot be traced, and GPTQ then calibrates with hooks (slower, with a warning). A
 :class:`FunctionSystem` has no layers, so GPTQ refuses it (use RTN or MSE-clip).
@@ -229,8 +231,12 @@ def _default_call(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None):
     return model.forward(x) if mask is None else model.forward(x, mask)
 
 
-class _BlockStep(_SharedNames):
-    """The step of a :class:`BlockForecaster` as a module: context ``(B, L, *C)`` -> next context."""
+class BlockStep(_SharedNames):
+    """The step of a :class:`BlockForecaster` as an ``nn.Module`` (its ``.module``): context ``(B, L, *C)`` -> next.
+
+    Its parameters, buffers and submodules are the wrapped model's, under the same names; the
+    model itself is the attribute ``model``. Built by :class:`BlockForecaster`, not by hand.
+    """
 
     def __init__(self, model, block_length, normalise, mask, output, call, pad_value):
         super().__init__(model)
@@ -348,7 +354,7 @@ class BlockForecaster(TorchSystem):
             if value is not None and not isinstance(value, kinds):
                 raise TypeError(f"{name}={value!r}: give {' or '.join(k.__name__ for k in kinds)}(...) or None.")
         self.context_length, self.block_length = context_length, block_length
-        super().__init__(_BlockStep(model, block_length, normalise, mask, output, call, pad_value))
+        super().__init__(BlockStep(model, block_length, normalise, mask, output, call, pad_value))
 
     @property
     def model(self) -> nn.Module:
@@ -432,8 +438,12 @@ def _forced_call(model: nn.Module, x: torch.Tensor, f: torch.Tensor):
     return model.forward(x, f)
 
 
-class _ForcedStep(_SharedNames):
-    """The step of a :class:`Forced` system as a module: packed state ``(B, 1 + P)`` -> next."""
+class ForcedStep(_SharedNames):
+    """The step of a :class:`Forced` system as an ``nn.Module`` (its ``.module``): packed state ``(B, 1 + P)`` -> next.
+
+    Its parameters, buffers and submodules are the wrapped model's, under the same names. Built
+    by :class:`Forced`, not by hand.
+    """
 
     def __init__(self, model, forcings, state_shape, offset, call):
         super().__init__(model)
@@ -493,7 +503,7 @@ class Forced(TorchSystem):
         if dtype is not None and dtype.is_floating_point and torch.finfo(dtype).eps * forcings.shape[0] > 0.25:
             raise ValueError(f"{forcings.shape[0]} time steps cannot be stored exactly in a {dtype} state (the time "
                              "index travels as t / T); use float32 or float64, or a shorter forcing record.")
-        super().__init__(_ForcedStep(model, forcings.detach().cpu(), state_shape, offset, call))
+        super().__init__(ForcedStep(model, forcings.detach().cpu(), state_shape, offset, call))
 
     @property
     def model(self) -> nn.Module:
@@ -617,4 +627,5 @@ class FunctionSystem:
         yield self
 
 
-__all__ = ["BlockForecaster", "Ensemble", "Forced", "FunctionSystem", "Mask", "Normalise", "Quantiles"]
+__all__ = ["BlockForecaster", "BlockStep", "Ensemble", "Forced", "ForcedStep", "FunctionSystem", "Mask", "Normalise",
+           "Quantiles"]

@@ -177,6 +177,7 @@ def _cmd_quantize(a) -> None:
     plan = tqslite.Plan.load(a.plan)
     qm = tqslite.quantize(system, plan, a.quantizer, _calibration(a, a.model))
     _write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
+    print(f"plan {a.plan.name}: {_sizes(plan, system)}")
     for name, reason in qm.weights.fallbacks.items():
         print(f"  {name}: RTN ({reason})")
     print(f"quantized state_dict written to {a.out} (weights dequantized on the {a.quantizer} grid)")
@@ -201,6 +202,8 @@ def _cmd_evaluate(a) -> None:
                         calibration=_calibration(a, a.model))
     res.attrs.update(model=a.model, windows=a.windows, seed=a.seed, quantizer=a.quantizer)
     _write_atomic(a.out, res.to_netcdf)
+    for name, plan in plans.items():
+        print(f"{name}: {_sizes(plan, system)}")
     last = res["rmse_vs_truth"].isel(lead=-1)
     last = last.mean([d for d in last.dims if d != "plan"])
     print("RMSE vs truth at lead", a.horizon, "(normalised):",
