@@ -221,7 +221,8 @@ def test_forced_equals_a_hand_loop_with_the_inputs_of_each_time():
 
 def test_function_system_rollout_and_quantization_leave_the_callers_tensors_alone():
     g = torch.Generator().manual_seed(0)
-    params = {"enc.w": torch.randn(3, 16, generator=g), "enc.b": torch.zeros(16), "dec.w": torch.randn(16, 3, generator=g)}
+    params = {"enc.w": torch.randn(3, 16, generator=g), "enc.b": torch.zeros(16),
+              "dec.w": torch.randn(16, 3, generator=g)}
     before = {n: p.clone() for n, p in params.items()}
 
     def step(p, x):
@@ -338,7 +339,8 @@ def test_a_masked_initial_state_with_gaps_is_probed(series):
             a = np.concatenate([ctx, ref[:6 * lead]])[-24:]
             b = np.concatenate([ctx, new[:6 * lead]])[-24:]
             d = np.sqrt(np.nansum((a - b) ** 2) / 24)
-            assert scores["divergence"].sel(unit="head.weight", window=n, lead=lead).item() == pytest.approx(d, rel=1e-9)
+            got = scores["divergence"].sel(unit="head.weight", window=n, lead=lead).item()
+            assert got == pytest.approx(d, rel=1e-9)
 
 
 def test_parallel_probe_of_an_adapter_equals_the_serial_one(series):

@@ -528,7 +528,8 @@ class Forced(TorchSystem):
             raise ValueError(f"{start.shape[0]} start indices for {x.shape[0]} states.")
         n = self.forcings.shape[0]
         if (start < 0).any() or (start + self.module.offset >= n).any():
-            raise ValueError(f"start indices must lie in 0..{n - 1 - self.module.offset} (the forcings have {n} steps).")
+            raise ValueError(f"start indices must lie in 0..{n - 1 - self.module.offset} "
+                             f"(the forcings have {n} steps).")
         return torch.cat([(start.double() / n).to(dtype).unsqueeze(1), x.reshape(x.shape[0], -1)], dim=1)
 
     def unpack(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -494,5 +494,5 @@ def apply_plan(model, plan: Plan, quantizer=None, calibration=None, inplace: boo
     return quantize(model, plan, quantizer, calibration, inplace).model
 
 
-__all__ = ["FORMAT", "Plan", "PlanSize", "QuantizedModel", "ReleaseSize", "apply_plan", "budget_of", "plan_from_configs",
-           "plan_size", "quantize", "release_size", "uniform_plan"]
+__all__ = ["FORMAT", "Plan", "PlanSize", "QuantizedModel", "ReleaseSize", "apply_plan", "budget_of",
+           "plan_from_configs", "plan_size", "quantize", "release_size", "uniform_plan"]
