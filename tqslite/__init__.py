@@ -9,6 +9,8 @@ The pieces, one module per job:
 * :mod:`tqslite.gptq` -- GPTQ, calibration-based, mixed precision included;
 * :mod:`tqslite.units` -- the tensors and blocks that share one configuration;
 * :mod:`tqslite.systems` -- models as state-to-state maps, Lorenz-63 and Lorenz-96;
+* :mod:`tqslite.adapters` -- your own forecaster as a system: block forecasters with their own
+  normalisation, masks and quantiles, models with extra inputs per step, plain functions;
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
 * :mod:`tqslite.activations` -- static, dynamic and probabilistic activation quantization, and
   the probe for activation noise;
@@ -19,7 +21,7 @@ The pieces, one module per job:
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
-* :mod:`tqslite.baselines` -- GPTQ and the other sensitivity scores TQS is compared with;
+* :mod:`tqslite.baselines` -- the other sensitivity scores TQS is compared with (one-step, Hessian, range, random);
 * :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables;
 * :mod:`tqslite.checkpoint` -- packed checkpoints: a quantized model as a small safetensors file;
 * :mod:`tqslite.onnx_quant` -- low-bit ONNX graphs from a plan, for a stand-in or an existing graph
@@ -27,19 +29,21 @@ The pieces, one module per job:
 """
 
 from .activations import calibrate, probe_activations, quantized_activations
+from .adapters import BlockForecaster, Ensemble, Forced, FunctionSystem, Mask, Normalise, Quantiles
 from .allocation import allocate, cost_table, pareto, predicted_error
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .knapsack import InfeasibleBudget, solve_mckp
-from .plans import Plan, PlanSize, QuantizedModel, apply_plan, plan_size, quantize, uniform_plan
+from .plans import (Plan, PlanSize, QuantizedModel, ReleaseSize, apply_plan, budget_of, plan_size, quantize,
+                    release_size, uniform_plan)
 from .probe import Gaussian, QuantResidual, gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
 from .gptq import GPTQ
 from .quantizers import RTN, MSEClip, QuantizedWeights, Quantizer, as_quantizer
 from .stats import bootstrap_gamma, spearman, spearman_agreement
 from .systems import Lorenz63, Lorenz96, TorchSystem, WindowedSystem, as_system, rollout
-from .units import BlockUnits, TensorUnits, Unit, make_units
+from .units import BlockUnits, TensorUnits, Unit, format_unit_tree, make_units, unit_tree
 
 __version__ = "0.1.0"
 
@@ -53,13 +57,14 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DEFAULT_OPTIONS", "BlockUnits", "Float16", "GPTQ", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
-    "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual",
-    "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "TensorUnits", "TorchSystem", "Unit",
+    "BlockForecaster", "BlockUnits", "DEFAULT_OPTIONS", "Ensemble", "Float16", "Forced", "FunctionSystem", "GPTQ",
+    "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63", "Lorenz96", "MSEClip", "Mask", "Normalise",
+    "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual", "Quantiles", "QuantizedModel",
+    "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "ReleaseSize", "TensorUnits", "TorchSystem", "Unit",
     "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
-    "calibrate", "cost_table", "export_quantized", "finite_time_lyapunov", "gamma_at", "int_options", "jacobians",
-    "load_checkpoint", "lyapunov_spectrum", "make_units", "pareto", "plan_size", "predicted_error", "probe",
-    "probe_activations", "quantize", "quantized_activations", "relative_error", "rollout", "rtn_quantize",
-    "save_checkpoint", "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "trajectory",
-    "uniform_plan",
+    "budget_of", "calibrate", "cost_table", "export_quantized", "finite_time_lyapunov", "format_unit_tree", "gamma_at",
+    "int_options", "jacobians", "load_checkpoint", "lyapunov_spectrum", "make_units", "pareto", "plan_size",
+    "predicted_error", "probe", "probe_activations", "quantize", "quantized_activations", "relative_error",
+    "release_size", "rollout", "rtn_quantize", "save_checkpoint", "solve_mckp", "spearman", "spearman_agreement",
+    "sqnr_db", "storage_bits", "trajectory", "uniform_plan", "unit_tree",
 ]

@@ -2,8 +2,10 @@
 
 ::
 
+    tqslite units timesfm_lite --depth 2
     tqslite probe timesfm_lite --units block --horizon 8 --out scores.nc
     tqslite allocate scores.nc timesfm_lite --budget-bits 4 --quantizer gptq --out plan.json
+    tqslite allocate scores.nc timesfm_lite --budget-of vendor_int8.pt --out matched.json
     tqslite uniform timesfm_lite --bits 4 --group-size 32 --out uniform4.json
     tqslite quantize timesfm_lite plan.json --quantizer gptq --out q.safetensors --onnx q.onnx
     tqslite forecast q.onnx --horizon 8 --windows 16 --out forecast.nc
@@ -12,7 +14,10 @@
     tqslite run-notebook 06 -p bits 3 -p horizon 40 --out runs/pangu-b3
     tqslite book [--smoke]
 
-Scores, fronts and errors are netCDF (xarray), plans JSON. Initial states come from each model's
+``units`` prints the model's unit tree (modules and tensors, parameter counts, and the block
+depths at which each is one unit) to choose ``--depth`` before probing. Every command that makes
+a plan prints its stored bits per parameter (scales and float tensors included) next to its
+nominal bits. Scores, fronts and errors are netCDF (xarray), plans JSON. Initial states come from each model's
 held-out data (the same windows for the same ``--windows`` and ``--seed``). Files are written
 only when a step succeeds, through a temporary file, so a failed run never leaves half a result
 over a good one. Bad arguments get a one-line error and exit status 2; a failure of the step
@@ -132,12 +137,26 @@ def _sizes(plan, system) -> str:
             f"{size.bytes} bytes, {size.compression:.2f}x against float32")
 
 
+def _cmd_units(a) -> None:
+    from .units import format_unit_tree, unit_tree
+    system, _ = _model(a.model, a.backend)
+    print(format_unit_tree(unit_tree(system, a.depth)))
+
+
 def _cmd_allocate(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
+    budget_bytes = None
+    if a.budget_of is not None:
+        from .plans import release_size
+        release = release_size(a.budget_of)
+        budget_bytes = release.bytes
+        print(f"budget of {a.budget_of}: {release.bytes} bytes, {release.bits_per_param:.3f} stored bits/parameter "
+              f"(nominal {release.nominal_bits:.2f}) over its {release.n_params} parameters")
     plan = tqslite.allocate(_load_scores(a.scores), system, budget_bits=a.budget_bits, compression=a.compression,
-                            options=_options(a), solver=a.solver, objective=a.objective, bottom=a.bottom,
-                            fp_budget=a.fp_budget, quantizer=a.quantizer, calibration=_calibration(a, a.model))
+                            budget_bytes=budget_bytes, options=_options(a), solver=a.solver, objective=a.objective,
+                            bottom=a.bottom, fp_budget=a.fp_budget, quantizer=a.quantizer,
+                            calibration=_calibration(a, a.model))
     _write_atomic(a.out, plan.save)
     print(f"plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
 
@@ -169,6 +188,7 @@ def _cmd_quantize(a) -> None:
     system, _ = _model(a.model)
     plan = tqslite.Plan.load(a.plan)
     qm = tqslite.quantize(system, plan, a.quantizer, _calibration(a, a.model))
+    print(f"plan {a.plan.name}: {_sizes(plan, system)}")
     for name, reason in qm.weights.fallbacks.items():
         print(f"  {name}: RTN ({reason})")
     info = {"model": a.model, "plan": str(a.plan), "quantizer": a.quantizer}
@@ -263,6 +283,8 @@ def _cmd_evaluate(a) -> None:
                         calibration=_calibration(a, a.model))
     res.attrs.update(model=a.model, windows=a.windows, seed=a.seed, quantizer=a.quantizer)
     _write_atomic(a.out, res.to_netcdf)
+    for name, plan in plans.items():
+        print(f"{name}: {_sizes(plan, system)}")
     last = res["rmse_vs_truth"].isel(lead=-1)
     last = last.mean([d for d in last.dims if d != "plan"])
     print("RMSE vs truth at lead", a.horizon, "(normalised):",
@@ -272,13 +294,20 @@ def _cmd_evaluate(a) -> None:
 
 def _cmd_pareto(a) -> None:
     import tqslite
+    from .plans import plan_from_configs, plan_size
+    from .units import units_of
     system, _ = _model(a.model, a.backend)
-    front = tqslite.pareto(_load_scores(a.scores), system, budgets=a.budgets, solver=a.solver,
+    scores = _load_scores(a.scores)
+    front = tqslite.pareto(scores, system, budgets=a.budgets, solver=a.solver,
                            objective=a.objective, options=_options(a), quantizer=a.quantizer,
                            calibration=_calibration(a, a.model))
     _write_atomic(a.out, front.to_netcdf)
-    for b, bpp, err in zip(front["budget"].values, front["bits_per_param"].values, front["predicted_rss"].values):
-        print(f"budget {b:6.3f}  achieved {bpp:6.3f} bits/param  predicted error {err:.4g}")
+    units, labels = units_of(scores), [str(u) for u in front["unit"].values]
+    for i, (b, err) in enumerate(zip(front["budget"].values, front["predicted_rss"].values)):
+        plan = plan_from_configs(system, dict(zip(labels, front["config"].values[i])), units)
+        size = plan_size(plan, system)
+        print(f"budget {b:6.3f}  achieved {size.bits_per_param:6.3f} stored bits/param (nominal "
+              f"{size.nominal_bits:5.2f})  predicted error {err:.4g}")
     print(f"written to {a.out}")
 
 
@@ -321,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"unit granularity: one unit per tensor or per module subtree (default {default})")
         q.add_argument("--depth", type=int, default=1, help="block depth (default 1)")
 
+    q = sub.add_parser("units", help="the model's unit tree: modules, tensors, sizes, and their block depths")
+    model_args(q)
+    q.add_argument("--depth", type=int, default=None,
+                   help="fold the tree at the units of this block depth and mark them (default: the whole tree)")
+    q.set_defaults(run=_cmd_units)
+
     q = sub.add_parser("probe", help="score every unit of a model (netCDF)")
     model_args(q)
     state_args(q, 20)
@@ -340,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = q.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-bits", type=float, help="average bits per parameter, scales included")
     budget.add_argument("--compression", type=float, help="compression ratio against float32")
+    budget.add_argument("--budget-of", type=_existing, metavar="FILE",
+                        help="the size of another quantized model (a torch.save state dict: torch quantized tensors "
+                             "or plain (codes, scale, zero_point)): a plan of the same bytes")
     table_args(q)
     quantizer_args(q)
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration states (default 0)")

@@ -14,6 +14,11 @@ plan too::
                ...},
      "info": {"made by": "allocate", ...}}
 
+:func:`release_size` counts the stored bits of another quantized model -- a vendor's int8
+release as torch quantized tensors or as plain ``(codes, scale, zero_point)`` -- and
+:func:`budget_of` turns it into a budget in bytes for
+``allocate(..., budget_bytes=...)``: a plan of the same size, every bit counted the same way.
+
 :func:`quantize` applies a plan with any quantizer (:mod:`tqslite.quantizers`) and returns the
 quantized copy together with every tensor's stored form; :func:`apply_plan` returns just the copy.
 A plan refuses a model whose tensors or shapes differ, naming the first mismatch, before anything
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +253,191 @@ def plan_size(plan: Plan, model) -> PlanSize:
 
 
 # --------------------------------------------------------------------------------------------
+# The size of another quantized model: a budget at matched size
+# --------------------------------------------------------------------------------------------
+
+#: Bits per element of torch's quantized dtypes (``quint4x2`` packs two codes per byte).
+QUANTIZED_DTYPE_BITS = {torch.qint8: 8, torch.quint8: 8, torch.qint32: 32, torch.quint4x2: 4, torch.quint2x4: 2}
+SCALE_SUFFIXES = ("scale", "scales")
+ZERO_POINT_SUFFIXES = ("zero_point", "zero_points", "zeros")
+
+
+@dataclass(frozen=True)
+class ReleaseSize:
+    """What another quantized model stores, every bit counted (:func:`release_size`).
+
+    Attributes
+    ----------
+    code_bits : int
+        Integer codes, at the width of their dtype (``qint8``: 8, ``quint4x2``: 4).
+    scale_bits : int
+        Scales, at the width they are stored in (torch keeps per-channel scales in float64).
+    zero_point_bits : int
+        Zero points, likewise (torch: int64 per channel).
+    float_bits : int
+        Tensors kept in a float dtype (biases, norms, layers left unquantized).
+    n_params : int
+        Parameters: code elements plus float elements (scales and zero points are not).
+    n_quantized : int
+        Parameters stored as integer codes.
+    """
+
+    code_bits: int
+    scale_bits: int
+    zero_point_bits: int
+    float_bits: int
+    n_params: int
+    n_quantized: int
+
+    @property
+    def stored_bits(self) -> int:
+        """Everything: codes, scales, zero points and float tensors."""
+        return self.code_bits + self.scale_bits + self.zero_point_bits + self.float_bits
+
+    @property
+    def bytes(self) -> int:
+        """``ceil(stored_bits / 8)``: pass it to ``allocate(..., budget_bytes=...)`` for a plan of the same size."""
+        return math.ceil(self.stored_bits / 8)
+
+    @property
+    def bits_per_param(self) -> float:
+        """Stored bits per parameter, scales and float tensors included."""
+        return self.stored_bits / self.n_params
+
+    @property
+    def nominal_bits(self) -> float:
+        """Bits per parameter of codes and float tensors only: what "int8" says, without scales."""
+        return (self.code_bits + self.float_bits) / self.n_params
+
+
+def _width(t: torch.Tensor) -> int:
+    if t.is_quantized:
+        return QUANTIZED_DTYPE_BITS[t.dtype]
+    if t.dtype == torch.bool:
+        return 8
+    return torch.finfo(t.dtype).bits if t.is_floating_point() else torch.iinfo(t.dtype).bits
+
+
+def _leaves(obj, key: str = ""):
+    """``(key, tensor, role)`` for every tensor in a state dict; ``role`` is None or "scale"/"zero_point"."""
+    if torch.is_tensor(obj):
+        yield key, obj, None
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, (tuple, list)):
+        plain = len(obj) == 3 and torch.is_tensor(obj[0]) and not obj[0].is_quantized and \
+            not obj[0].is_floating_point() and obj[0].dtype != torch.bool
+        if plain:  # the plain layout (codes, scale, zero_point)
+            yield key, obj[0], None
+            yield f"{key}.scale", obj[1], "scale"
+            if obj[2] is not None:
+                yield f"{key}.zero_point", obj[2], "zero_point"
+        else:
+            for i, v in enumerate(obj):
+                yield from _leaves(v, f"{key}.{i}")
+    # anything else (a torch.dtype, a number, a string) is metadata in the pickle, not stored data
+
+
+def _role(key: str, code_keys: set) -> str | None:
+    """``"scale"``/``"zero_point"`` for a flat key that names one of some codes, else None.
+
+    ``"fc.weight_scale"`` is a scale if ``"fc.weight"`` holds codes; ``"fc.scale"`` if some key
+    under ``"fc."`` does (a torch.ao quantized module). Anything else, a float parameter named
+    ``layer_scale`` included, is an ordinary tensor.
+    """
+    base, _, last = key.rpartition(".")
+    for suffixes, role in ((SCALE_SUFFIXES, "scale"), (ZERO_POINT_SUFFIXES, "zero_point")):
+        for sfx in suffixes:
+            owner = last[:-len(sfx) - 1]
+            if last.endswith("_" + sfx) and (f"{base}.{owner}" if base else owner) in code_keys:
+                return role
+            if last == sfx and any(k != key and k.startswith(f"{base}.") for k in code_keys):
+                return role
+    return None
+
+
+def release_size(release, n_params: int | None = None) -> ReleaseSize:
+    """Count every stored bit of another quantized model, e.g. a vendor's int8 release.
+
+    Parameters
+    ----------
+    release : state dict, nn.Module, or path of a ``torch.save`` file
+        Tensors in any of these layouts, mixed freely:
+
+        * torch quantized tensors (``torch.quantize_per_channel`` / ``quantize_per_tensor``,
+          what ``torch.ao.quantization`` modules hold, packed parameter tuples included):
+          codes at their dtype's width; per-channel scales and zero points as stored
+          (float64 and int64); a per-tensor scale and zero point count 64 bits each (torch
+          keeps them as a Python float and int);
+        * the plain layout ``{name: (codes, scale, zero_point)}``: integer ``codes`` at their
+          dtype's width, ``scale`` and ``zero_point`` (or None) tensors as stored;
+        * flat keys: integer tensors are codes, and a key named ``scale``/``scales`` or ending in
+          ``_scale(s)`` is a scale, ``zero_point(s)``/``zeros`` or ``_zero_point(s)`` a zero
+          point (``"fc.weight"``, ``"fc.weight_scale"``, ``"fc.weight_zero_point"``);
+        * float tensors: at their dtype's width.
+
+        Non-tensor entries (a ``torch.dtype``, numbers) are not counted.
+    n_params : int, optional
+        The model's number of parameters, if codes are packed several to an element (then
+        code elements are not parameters).
+
+    Returns
+    -------
+    ReleaseSize
+        ``.bytes`` is the budget of a plan of the same size: ``allocate(scores, model,
+        budget_bytes=release_size(release).bytes)``. For a ``torch.save`` file it equals the
+        bytes of the file's tensor storages, plus 16 per per-tensor quantized tensor (the
+        rest of the file is the pickle and the zip's headers).
+    """
+    if isinstance(release, (str, os.PathLike)):
+        with warnings.catch_warnings():  # torch's own deprecation notice when it rebuilds quantized tensors
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            release = torch.load(release, map_location="cpu", weights_only=True)
+    if isinstance(release, torch.nn.Module):
+        release = release.state_dict()
+    if not isinstance(release, Mapping):
+        raise TypeError(f"release_size takes a state dict, an nn.Module or a file path, got {type(release).__name__}.")
+    leaves = list(_leaves(release))
+    code_keys = {k for k, t, r in leaves if r is None and (t.is_quantized or not t.is_floating_point())}
+    codes = scales = zeros = floats = n = nq = 0
+    for key, t, role in leaves:
+        role = role or _role(key, code_keys)
+        if t.is_quantized:
+            nq += t.numel()
+            codes += math.ceil(t.numel() * _width(t) / 8) * 8
+            if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                               torch.per_channel_affine_float_qparams):
+                s, z = t.q_per_channel_scales(), t.q_per_channel_zero_points()
+                scales += s.numel() * _width(s)
+                zeros += z.numel() * _width(z)
+            else:
+                scales, zeros = scales + 64, zeros + 64
+        elif role == "scale":
+            scales += t.numel() * _width(t)
+        elif role == "zero_point":
+            zeros += t.numel() * _width(t)
+        elif t.is_floating_point():
+            floats += t.numel() * _width(t)
+            n += t.numel()
+        else:
+            codes += t.numel() * _width(t)
+            nq += t.numel()
+    total = n + nq if n_params is None else int(n_params)
+    if total <= 0:
+        raise ValueError("the release holds no parameters (no integer codes and no float tensors).")
+    return ReleaseSize(codes, scales, zeros, floats, total, nq)
+
+
+def budget_of(release, n_params: int | None = None) -> int:
+    """The size of another quantized model in bytes: a budget for ``allocate(..., budget_bytes=...)``.
+
+    ``release_size(release, n_params).bytes``; see :func:`release_size` for the layouts.
+    """
+    return release_size(release, n_params).bytes
+
+
+# --------------------------------------------------------------------------------------------
 # Applying a plan
 # --------------------------------------------------------------------------------------------
 
@@ -303,5 +494,5 @@ def apply_plan(model, plan: Plan, quantizer=None, calibration=None, inplace: boo
     return quantize(model, plan, quantizer, calibration, inplace).model
 
 
-__all__ = ["FORMAT", "Plan", "PlanSize", "QuantizedModel", "apply_plan", "plan_from_configs", "plan_size", "quantize",
-           "uniform_plan"]
+__all__ = ["FORMAT", "Plan", "PlanSize", "QuantizedModel", "ReleaseSize", "apply_plan", "budget_of",
+           "plan_from_configs", "plan_size", "quantize", "release_size", "uniform_plan"]

@@ -135,14 +135,23 @@ def relative_size(system, perturbed: dict) -> float:
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-def as_states(x0, dtype, device=None) -> torch.Tensor:
-    """Initial states as a tensor ``(N, *S)`` of ``dtype``; ``ValueError`` if not a finite batch."""
+def as_states(x0, dtype, device=None, allow_missing: bool = False) -> torch.Tensor:
+    """Initial states as a tensor ``(N, *S)`` of ``dtype``; ``ValueError`` if not a finite batch.
+
+    ``allow_missing=True`` (a system with ``accepts_missing``, which masks missing values
+    itself, see :mod:`tqslite.adapters`) lets NaN through; infinities are refused all the same.
+    """
     if isinstance(x0, xr.DataArray):
         x0 = x0.values
     x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype=dtype, device=device)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must be a batch of initial states (N, *S) with N >= 1, got shape {tuple(x0.shape)}.")
-    check_finite(x0, "initial states x0")
+    bad = torch.isinf(x0) if allow_missing else ~torch.isfinite(x0)
+    if bad.any():
+        raise ValueError(f"initial states x0 contains {int(bad.sum())} " + (
+            "infinite value(s); missing values must be NaN." if allow_missing else
+            "non-finite value(s) (NaN or Inf). If NaN marks missing data that the model masks, wrap it in an "
+            "adapter that accepts missing values (tqslite.adapters.BlockForecaster(..., mask=Mask()))."))
     return x0
 
 
@@ -214,7 +223,7 @@ def probe(
     for u in unit_list:
         for p in u.params:
             check_finite(system.get_parameter(p), f"parameter {p!r}")
-    x0 = as_states(x0, system.dtype)
+    x0 = as_states(x0, system.dtype, allow_missing=getattr(system, "accepts_missing", False))
     batch_size = batch_size or x0.shape[0]
 
     with system.evaluating():
@@ -263,8 +272,12 @@ def _perturbed(system, unit: Unit, perturbation, quantized: dict) -> dict:
 def reference_rollout(system, x0: torch.Tensor, horizon: int, batch_size: int) -> torch.Tensor:
     """The unperturbed rollout ``(T, N, *S)``; ``ValueError`` naming the lead where it turns non-finite."""
     ref = rollout(system, x0, horizon, batch_size)
-    if not torch.isfinite(ref).all():
-        bad = int(torch.nonzero(~torch.isfinite(ref.flatten(2)).all(2).all(1))[0]) + 1
+    if getattr(system, "accepts_missing", False):  # NaN is a missing value the system masks, not a failure
+        ref_ok = ~torch.isinf(ref)
+    else:
+        ref_ok = torch.isfinite(ref)
+    if not ref_ok.all():
+        bad = int(torch.nonzero(~ref_ok.flatten(2).all(2).all(1))[0]) + 1
         raise ValueError(f"the unperturbed rollout turns non-finite at lead {bad}; use a horizon below {bad} "
                          "or initial states inside the model's range.")
     return ref
@@ -278,13 +291,15 @@ def _rms(x: torch.Tensor) -> np.ndarray:
 
 def divergence_floor(ref: torch.Tensor) -> np.ndarray:
     """``d_floor (window, lead)``: one unit of the dtype's resolution at the reference state's RMS."""
-    rms = _rms(ref)
+    rms = _rms(torch.nan_to_num(ref, nan=0.0))  # a missing value (NaN, accepts_missing) counts as 0
     return np.maximum(torch.finfo(ref.dtype).eps * rms, np.finfo(np.float64).tiny)
 
 
 def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int) -> np.ndarray:
     """RMS divergence ``(window, lead)`` of the system's rollout from ``ref``; once non-finite, ``+inf``."""
-    div = _rms(rollout(system, x0, ref.shape[0], batch_size) - ref)
+    diff = rollout(system, x0, ref.shape[0], batch_size) - ref
+    diff = torch.where(torch.isnan(ref), torch.zeros_like(diff), diff)  # missing in the reference: no difference
+    div = _rms(diff)
     div = np.where(np.isnan(div), np.inf, div)
     div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
     return div

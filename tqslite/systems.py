@@ -4,13 +4,20 @@ A *system* maps a batch of states ``x`` of shape ``(B, *S)`` to the next states,
 and owns a set of named parameter tensors that can be swapped and restored exactly:
 
 * :class:`TorchSystem` adapts an ``nn.Module`` whose forward is that map;
-* :class:`WindowedSystem` adapts a model that reads a history window ``(B, k, *F)`` and predicts
-  the next frame(s): the *state is the window*, so the map stays state-to-state;
+* :class:`WindowedSystem` adapts a model that reads a fixed-length history window ``(B, k, *F)``
+  and predicts the next frame(s): the *state is the window*, so the map stays state-to-state;
 * :class:`Lorenz63` and :class:`Lorenz96` are reference chaotic systems (RK4), written as
   ``nn.Module`` s whose physical constants are parameters, so they can be probed too.
 
 Any other object with the same methods (``step``, ``parameter_names``, ``get_parameter``,
-``set_parameter``, ``channel_axis``, ``evaluating``) is a system too; the ONNX adapter is one.
+``set_parameter``, ``channel_axis``, ``evaluating``) is a system too; the ONNX adapter is one,
+and :mod:`tqslite.adapters` has the common shapes of real forecasters (a block forecaster with
+its own normalisation, masks and quantiles; a model with extra inputs per step; a plain
+function of named tensors). A system that sets ``accepts_missing = True`` takes states with
+missing values (NaN) and masks them itself; the probe then lets NaN through in initial states.
+
+:func:`rollout` checks on the first step that a state maps to a state of the same shape and
+dtype, and says what was returned instead and which adapter fits.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ class TorchSystem:
         if not isinstance(module, nn.Module):
             raise TypeError(f"TorchSystem wraps an nn.Module, got {type(module).__name__}.")
         self.module = module
+        #: Whether states may hold missing values (NaN) that the model masks: the module's own
+        #: ``accepts_missing`` attribute if it has one (see :mod:`tqslite.adapters`), else False.
+        self.accepts_missing = bool(getattr(module, "accepts_missing", False))
         self._params = dict(module.named_parameters())
         # Transposed convolutions keep their output channels on axis 1 of the weight.
         self._axis1 = {f"{m_name}.weight" if m_name else "weight" for m_name, m in module.named_modules()
@@ -87,6 +97,14 @@ class WindowedSystem(TorchSystem):
     drops the oldest ``m`` frames and appends the prediction, so the state keeps shape
     ``(B, k, *F)``; for a univariate context ``(B, L)`` with a patch output ``(B, m)`` this is
     "append each predicted patch to the context".
+
+    What it assumes: the model reads exactly ``k`` frames, every one of them valid, and its
+    forward is the whole forecast (no normalisation, masking or choice among outputs outside
+    the module). A model that accepts a *growing* context up to a maximum length, with a mask,
+    agrees with this wrapper only once its context has reached that maximum: with a shorter
+    window it would have seen more history. For such models, and for those whose forecast
+    method normalises each window, pads it with a validity mask or predicts quantiles, use
+    :class:`tqslite.adapters.BlockForecaster`.
     """
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +126,11 @@ def as_system(model):
     needed = ("step", "parameter_names", "get_parameter", "set_parameter", "channel_axis", "evaluating")
     missing = [m for m in needed if not hasattr(model, m)]
     if missing:
-        raise TypeError(f"{type(model).__name__} is not a system: it lacks {missing}. "
-                        "Pass an nn.Module or wrap the model in tqslite.TorchSystem / WindowedSystem.")
+        raise TypeError(f"{type(model).__name__} is not a system: it lacks {missing}. Pass an nn.Module whose forward "
+                        "maps a state to the next state, or wrap the model in an adapter: tqslite.WindowedSystem "
+                        "(a fixed history window), tqslite.adapters.BlockForecaster (a context in, a block of "
+                        "steps out, with its own normalisation, masks or quantiles), tqslite.adapters.Forced "
+                        "(extra inputs per step) or tqslite.adapters.FunctionSystem (a function step(params, state)).")
     return model
 
 
@@ -129,7 +150,9 @@ def swapped(system, values: dict):
 def rollout(system, x0: torch.Tensor, steps: int, batch_size: int | None = None) -> torch.Tensor:
     """Roll ``system`` (or an ``nn.Module``) out from ``x0`` ``(B, *S)``: ``(steps, B, *S)``, t = 1..steps.
 
-    ``batch_size`` windows go through each forward call (default: all ``B`` at once).
+    ``batch_size`` windows go through each forward call (default: all ``B`` at once). The first
+    step is checked (:func:`check_step`): a step that does not return a state of the same shape
+    and dtype is refused with a message that names the adapter that fits.
     """
     system = as_system(system)
     batch_size = batch_size or len(x0)
@@ -137,11 +160,46 @@ def rollout(system, x0: torch.Tensor, steps: int, batch_size: int | None = None)
     for i in range(0, len(x0), batch_size):
         x = x0[i:i + batch_size]
         for t in range(steps):
-            x = system.step(x)
-            if out is None:
-                out = torch.empty((steps, len(x0), *x.shape[1:]), dtype=x.dtype, device=x.device)
-            out[t, i:i + batch_size] = x
+            x_next = system.step(x)
+            if out is None:  # the first step only: the check is cheap, and later steps are the same map
+                check_step(x, x_next, system)
+                out = torch.empty((steps, len(x0), *x_next.shape[1:]), dtype=x_next.dtype, device=x_next.device)
+            out[t, i:i + batch_size] = x = x_next
     return out if out is not None else torch.empty((0, *x0.shape), dtype=x0.dtype)
+
+
+def check_step(x: torch.Tensor, x_next, system=None) -> None:
+    """``ValueError`` unless one step mapped the states ``x`` ``(B, *S)`` to states of the same shape and dtype.
+
+    The message says what came back and which adapter of :mod:`tqslite.adapters` fits: a block
+    of steps ``(B, k)`` for a context ``(B, L)`` is a block forecaster, an extra trailing axis a
+    quantile or ensemble head, a tuple a model with several outputs.
+    """
+    name = type(getattr(system, "module", system)).__name__ if system is not None else "the step"
+    state = tuple(x.shape)
+    if not torch.is_tensor(x_next):
+        raise ValueError(f"{name} returned a {type(x_next).__name__} for a state {state}; a step returns one tensor, "
+                         "the next state. Pick the forecast out of its outputs with "
+                         "tqslite.adapters.BlockForecaster(model, ..., call=...) or write the step as a function "
+                         "(tqslite.adapters.FunctionSystem).")
+    got = tuple(x_next.shape)
+    if got == state and x_next.dtype == x.dtype:
+        return
+    if got == state:
+        raise ValueError(f"{name} returned {str(x_next.dtype).removeprefix('torch.')} states for "
+                         f"{str(x.dtype).removeprefix('torch.')} ones; a step keeps the state's dtype: cast the "
+                         "model (model.to(dtype)) or the initial states to the same dtype.")
+    hint = "a step maps a state (B, *S) to the next state of the same shape; see tqslite.adapters for wrappers."
+    if len(got) >= 2 and len(state) >= 2 and got[0] == state[0] and got[1] < state[1]:
+        k, length = got[1], state[1]
+        if got[2:] == state[2:]:
+            hint = (f"a block forecaster (a context of {length} steps in, {k} steps out)? Wrap it in "
+                    f"tqslite.adapters.BlockForecaster(model, context_length={length}, block_length={k}).")
+        elif got[2:-1] == state[2:] or len(got) == len(state) + 1:
+            hint = (f"a block forecaster with {got[-1]} outputs per step (quantiles or ensemble members)? Wrap it "
+                    f"in tqslite.adapters.BlockForecaster(model, context_length={length}, block_length={k}, "
+                    "output=Quantiles(levels) or Ensemble(axis)).")
+    raise ValueError(f"{name} returned {got} for a state {state}: {hint}")
 
 
 # --------------------------------------------------------------------------------------------
