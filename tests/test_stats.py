@@ -70,3 +70,16 @@ def test_windows_are_paired_only_when_they_are_the_same_windows(mlp, x0):
     again = probe(mlp, x0.clone(), horizon=6, perturbation="quant", progress=False)
     assert spearman_agreement(a, again, n_boot=50)["resampled"] == "windows"
 
+
+
+def test_resamples_where_rho_is_undefined_are_left_out_not_fatal():
+    import warnings
+
+    import xarray as xr
+    a = xr.DataArray([1.0, 2.0, 3.0, 4.0], dims="unit", coords={"unit": list("abcd")})
+    b = xr.DataArray([1.0, 3.0, 2.0, 4.0], dims="unit", coords={"unit": list("abcd")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = spearman_agreement(a, b, n_boot=400)  # some resamples draw one unit four times: rho undefined
+    assert out["rho"] == pytest.approx(0.8)
+    assert -1 <= out["lo"] <= out["rho"] <= out["hi"] <= 1

@@ -11,9 +11,11 @@ happen to have the same size.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
-from scipy.stats import bootstrap, rankdata
+from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
 
 
 def window_terms(scores: xr.Dataset) -> np.ndarray:
@@ -31,8 +33,20 @@ def window_terms(scores: xr.Dataset) -> np.ndarray:
     return terms
 
 
-def _interval(res) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+def _bootstrap(data, statistic, ci: float, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of :func:`scipy.stats.bootstrap`, leaving out resamples where ``statistic`` is undefined.
+
+    A resample can make a statistic undefined (Spearman's rho of a resample whose scores are all
+    tied is NaN); scipy then returns no interval. Those resamples are left out of the percentiles.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(data, statistic, confidence_level=ci, method="percentile", **kwargs)
+    alpha = (1 - ci) / 2
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN bounds
+        lo, hi = np.nanquantile(res.bootstrap_distribution, [alpha, 1 - alpha], axis=-1)
+    return lo, hi
 
 
 def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> xr.Dataset:
@@ -48,9 +62,8 @@ def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, se
     lo, hi = gamma.copy(), gamma.copy()
     finite = np.isfinite(terms).all(axis=1)
     if finite.any() and terms.shape[1] > 1:
-        res = bootstrap((terms[finite],), np.mean, n_resamples=n_boot, confidence_level=ci, method="percentile",
-                        axis=-1, vectorized=True, random_state=np.random.default_rng(seed))
-        lo[finite], hi[finite] = _interval(res)
+        lo[finite], hi[finite] = _bootstrap((terms[finite],), np.mean, ci, n_resamples=n_boot, axis=-1,
+                                            vectorized=True, random_state=np.random.default_rng(seed))
     return xr.Dataset(
         {"gamma": ("unit", gamma), "gamma_lo": ("unit", lo), "gamma_hi": ("unit", hi)},
         coords={"unit": scores["unit"].values},
@@ -121,11 +134,10 @@ def spearman_agreement(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
             ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
             return (ra * rb).sum(axis=0) / np.sqrt((ra**2).sum(axis=0) * (rb**2).sum(axis=0))
 
-        res = bootstrap(data, statistic, n_resamples=n_boot, confidence_level=ci, method="percentile", axis=1,
-                        paired=True, vectorized=True, random_state=np.random.default_rng(seed))
+        lo, hi = _bootstrap(data, statistic, ci, n_resamples=n_boot, axis=1, paired=True, vectorized=True,
+                            random_state=np.random.default_rng(seed))
     else:  # resample units: the pairs (score in a, score in b)
-        res = bootstrap((va, vb), spearman, n_resamples=n_boot, confidence_level=ci, method="percentile",
-                        paired=True, vectorized=False, random_state=np.random.default_rng(seed))
-    lo, hi = _interval(res)
+        lo, hi = _bootstrap((va, vb), spearman, ci, n_resamples=n_boot, paired=True, vectorized=False,
+                            random_state=np.random.default_rng(seed))
     return {"rho": rho, "lo": float(lo), "hi": float(hi), "n_units": len(common),
             "resampled": "windows" if paired else "units"}
