@@ -633,10 +633,10 @@ def _trace(module: nn.Module, batches, leaves) -> fx.Graph:
     outputs = _run_graph(graph, module, batches)
     for k, (b, y) in enumerate(zip(batches, outputs)):
         ref, got = tree_leaves(module(b)), tree_leaves(y)
-        if len(ref) != len(got) or not all(
-                torch.is_tensor(r) and torch.is_tensor(t) and r.shape == t.shape and torch.allclose(r, t, rtol=1e-5,
-                                                                                                    atol=1e-6)
-                for r, t in zip(ref, got)):
+        same = [torch.is_tensor(r) and torch.is_tensor(t) and r.shape == t.shape
+                and torch.allclose(r, t, rtol=1e-5, atol=1e-6, equal_nan=True)  # NaN: a masked gap in a state
+                for r, t in zip(ref, got)]
+        if len(ref) != len(got) or not all(same):
             raise _Untraceable(f"the traced graph does not reproduce the module on calibration batch {k} "
                                "(control flow that depends on the data)")
     return graph
