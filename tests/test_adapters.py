@@ -383,6 +383,22 @@ def test_gptq_calibrates_through_the_whole_step_on_system_states(series):
     assert isinstance(c.model, BlockForecaster) and c.model.model is not model
 
 
+def test_gptq_traces_through_states_with_gaps(series):
+    # the mask replaces missing values before any layer sees them: the layers' inputs are finite and
+    # GPTQ's traced pass is used (no hook fallback, no warning) on contexts that hold NaN
+    model = ConvQuantiles().double()
+    system = BlockForecaster(model, 24, 6, normalise=Normalise(), mask=Mask(), output=Quantiles(LEVELS))
+    gappy = series[3, :20].copy()
+    gappy[[4, 5, 11]] = np.nan
+    states = system.states([series[0, :24], series[1, :13], gappy, series[2, 30:54]])
+    assert torch.isnan(states).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = tqslite.quantize(system, uniform_plan(system, Int(4)), GPTQ(), calibration=states)
+    calibrated = [n for n, m in q.weights.methods.items() if m == "gptq"]
+    assert calibrated and all(torch.isfinite(q.weights.tensors[n].dequantize()).all() for n in calibrated)
+
+
 def test_forced_systems_take_gptq_and_rtn():
     class Driven(nn.Module):
         def __init__(self):

@@ -29,10 +29,8 @@ calibration inputs through: :class:`BlockForecaster` and :class:`Forced` have on
 ``.module`` is an ``nn.Module`` whose forward is the *whole step* (normalisation, mask, model,
 reduction) and whose parameters are the wrapped model's, under the same names -- so GPTQ
 calibrates on **states of the system** (contexts, or :meth:`Forced.states`), exactly what the
-probe takes: ``quantize(system, plan, GPTQ(), calibration=states)``. Pass complete contexts:
-GPTQ checks its traced graph against the module on the calibration states, and NaN never
-compares equal, so states with missing values send it to its hook fallback (with a warning). GPTQ traces the step with
-``torch.fx``; a ``call`` that calls ``model(...)`` itself rather than ``model.forward(...)``
+probe takes: ``quantize(system, plan, GPTQ(), calibration=states)``, gaps included (the mask
+replaces them before any layer sees them). GPTQ traces the step with ``torch.fx``; a ``call`` that calls ``model(...)`` itself rather than ``model.forward(...)``
 cannot be traced, and GPTQ then calibrates with hooks (slower, with a warning). A
 :class:`FunctionSystem` has no layers, so GPTQ refuses it (use RTN or MSE-clip).
 """
