@@ -161,12 +161,13 @@ MATH = '<p>A rate <span class="math notranslate nohighlight">\\(\\lambda_1 = 0.9
     (f"<p>DATA_DIR = PosixPath('{REPO_ROOT}/data')</p>", "machine path"),
     (output("<pre>/usr/lib/python3/site-packages/torch/nn.py:3</pre>"), "machine path"),
     ('<img src="file:///root/figure.png"/>', "machine path"),
-    (output("<p>best unit np.str_('blocks.0'), gamma np.float64(0.123)</p>"), "numpy repr"),
+    (output("<p>flagged [np.str_('blocks.0.norm.bias'), np.str_('blocks.1.fc1.bias')]</p>"), "numpy repr"),
+    (output("<p>gamma np.float64(0.123) at lead np.int64(3)</p>"), "numpy repr"),
     (output("<pre>rho = array([0.96, 0.5])</pre>"), "numpy repr"),
     ("<td>np.int64(3)</td>", "numpy repr"),
 ], ids=["dollar-in-output", "dollar-with-eaten-backslash", "escaped-paren", "doubled-paren", "double-dollar",
         "UserWarning", "RuntimeWarning", "warnings.warn", "tmp-path", "repo-path", "site-packages",
-        "file-uri", "np-scalars", "array", "np-in-table"])
+        "file-uri", "np-str", "np-float-int", "array", "np-in-table"])
 def test_scanner_finds_the_defect(body, kind):
     defects = page_defects(page(MATH + CODE_CELL + body))
     assert defects, f"missed a {kind} in {body!r}"
