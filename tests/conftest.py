@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from tqslite.book import build_site
+
 
 def linear_system(eigenvalues, seed=0, dtype=torch.float64) -> nn.Linear:
     """``x' = A x`` with ``A = Q diag(eigenvalues) Q^T`` (Q random orthogonal): spectral radius known."""
@@ -40,3 +42,15 @@ def same_weights(module: nn.Module, snap: dict) -> bool:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def smoke_site(tmp_path_factory):
+    """The real book built once per session in SMOKE mode: ``(site folder, stage folder)``.
+
+    Shared by ``test_notebooks.py`` (each page and its figures) and ``test_rendered_pages.py``
+    (no raw LaTeX, warnings, machine paths or numpy reprs on any page).
+    """
+    root = tmp_path_factory.mktemp("smoke_book")
+    site = build_site(smoke=True, out=root / "html", stage=root / "stage", timeout=300)
+    return site, root / "stage"

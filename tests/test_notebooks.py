@@ -1,9 +1,10 @@
 """The book's real notebooks: their skeleton, and a SMOKE-mode build of the whole site from them.
 
 Static checks read the committed sources (skeleton, parameters cell, no outputs). The site is
-then built once (fixture ``smoke_site``): papermill executes every notebook in SMOKE mode with a
-per-cell timeout, jupyter-book renders the executed copies with warnings as errors, and each
-notebook's page must exist with its figures, and its results must land in its ``output_dir``.
+then built once (fixture ``smoke_site`` in ``conftest.py``, which ``test_rendered_pages.py``
+shares): papermill executes every notebook in SMOKE mode with a per-cell timeout,
+jupyter-book renders the executed copies with warnings as errors, and each notebook's page must
+exist with its figures, and its results must land in its ``output_dir``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import nbformat
 import pytest
 
-from tqslite.book import build_site, list_notebooks
+from tqslite.book import list_notebooks
 
 NOTEBOOKS = list_notebooks()
 IDS = [nb.stem for nb in NOTEBOOKS]
@@ -73,13 +74,6 @@ def test_committed_without_outputs(path):
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, "strip outputs before committing"
-
-
-@pytest.fixture(scope="session")
-def smoke_site(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke_book")
-    site = build_site(smoke=True, out=root / "html", stage=root / "stage", timeout=300)
-    return site, root / "stage"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
