@@ -6,7 +6,8 @@ from pathlib import Path
 GUIDE = Path(__file__).resolve().parents[1] / "book" / "guide.md"
 
 
-def test_the_python_blocks_of_the_guide_run(capsys):
+def test_the_python_blocks_of_the_guide_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the guide writes scores.nc and plan.json where it runs
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S)
     assert len(blocks) >= 6, "the guide shows the main calls in Python"
     namespace = {}

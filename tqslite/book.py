@@ -234,11 +234,11 @@ def _path_from(start: Path, path: Path) -> str:
 
 
 def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TIMEOUT,
-                     kernel_name=KERNEL_NAME) -> Path:
+                     kernel_name=KERNEL_NAME, cwd=None) -> Path:
     """Execute one notebook with papermill and write the executed copy to ``out_dir``.
 
-    The source notebook is only read. The kernel runs in the notebook's own folder, so relative
-    paths behave as in JupyterLab.
+    The source notebook is only read. The kernel runs in the notebook's own folder (or ``cwd``),
+    so relative paths behave as in JupyterLab.
 
     Parameters
     ----------
@@ -258,6 +258,10 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
         Seconds one cell may run before the notebook is stopped.
     kernel_name : str
         Jupyter kernel to use (default ``"python3"``: the interpreter running this code).
+    cwd : path-like, optional
+        Folder the kernel runs in (default: the notebook's own). The site build runs each
+        notebook next to its executed copy, so the ``output_dir`` it sees is a path inside the
+        stage and no path of the build machine reaches a page.
 
     Returns
     -------
@@ -291,13 +295,14 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
     # so it gets the path from there (relative, which also keeps machine paths off the site).
     output_dir = Path(params["output_dir"]).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
-    params["output_dir"] = _path_from(src.parent.absolute(), output_dir)
+    cwd = Path(cwd or src.parent).absolute()
+    params["output_dir"] = _path_from(cwd, output_dir)
 
     try:
         with _kernel_environment(smoke=bool(params["smoke"])):
             papermill.execute_notebook(
                 str(src), str(executed), parameters=params, kernel_name=kernel_name,
-                language="python", cwd=str(src.parent), execution_timeout=timeout,
+                language="python", cwd=str(cwd), execution_timeout=timeout,
                 progress_bar=False, log_output=False, request_save_on_cell_execute=True,
             )
     except PapermillExecutionError as err:
@@ -416,7 +421,7 @@ def build_site(smoke=False, out=SITE_DIR, stage=STAGE_DIR, notebooks_dir=NOTEBOO
         print(f"[{i}/{len(notebooks)}] executing {nb.name} ...", end=" ", flush=True)
         start = time.perf_counter()
         try:
-            execute_notebook(nb, stage / "notebooks", smoke=smoke, timeout=timeout,
+            execute_notebook(nb, stage / "notebooks", smoke=smoke, timeout=timeout, cwd=stage / "notebooks",
                              parameters={"output_dir": str(stage / "outputs" / nb.stem)})
             print(f"{time.perf_counter() - start:.1f} s", flush=True)
         except NotebookError as err:
