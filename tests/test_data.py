@@ -2,9 +2,13 @@
 
 import functools
 import http.server
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,6 +74,51 @@ def test_a_missing_file_or_checksum_entry_says_what_to_do(tmp_path):
         D.load_dataset(NCEP, data_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         D.load_dataset("era5")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the data folder
+# --------------------------------------------------------------------------------------------
+
+def test_tqslite_data_points_the_loaders_at_another_folder(tmp_path, monkeypatch):
+    _copy_with_sums(tmp_path)
+    monkeypatch.setenv("TQSLITE_DATA", str(tmp_path))
+    assert D.find_data_dir() == tmp_path
+    assert D.dataset_path(NCEP) == tmp_path / "ncep_air_small.nc"
+    assert D.load_dataset(NCEP).sizes["time"] == 20
+    monkeypatch.setenv("TQSLITE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(D.DataNotFoundError, match="TQSLITE_DATA=.*nowhere has no SHA256SUMS"):
+        D.load_dataset(NCEP)
+    monkeypatch.delenv("TQSLITE_DATA")
+    assert D.find_data_dir() == D.REPOSITORY_DATA == Path(__file__).resolve().parent.parent / "data"
+
+
+NOT_EDITABLE = """
+import sys
+from tqslite import data, models
+for load in (lambda: data.load_dataset("ncep_air_small"), lambda: models.load("timesfm_lite")):
+    try:
+        print("loaded", load().__class__.__name__)
+    except data.DataNotFoundError as err:
+        print("DataNotFoundError:", err)
+"""
+
+
+def test_an_install_without_the_repository_says_how_to_get_the_data(tmp_path):
+    """The package copied alone into a site folder, as ``pip install .`` puts it: no data/ beside it."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(Path(D.__file__).parent, site / "tqslite", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TQSLITE_DATA", "PYTHONPATH")}
+    run = functools.partial(subprocess.run, [sys.executable, "-c", NOT_EDITABLE], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    out = run(env={**env, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()
+    assert first.startswith("DataNotFoundError: tqslite's shipped data were not found") and "TQSLITE_DATA" in first
+    assert "pip install -e ." in first
+    assert second.startswith("DataNotFoundError:") and "checkpoints does not exist" in second
+    out = run(env={**env, "PYTHONPATH": str(site), "TQSLITE_DATA": str(D.REPOSITORY_DATA)})
+    assert out.stdout.split() == ["loaded", "Dataset", "loaded", "tuple"], out.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,6 +262,14 @@ def test_open_remote_fails_at_once_when_the_server_cannot_be_reached(tmp_path):
         D.open_remote("http://127.0.0.1:9/air.nc", "0" * 64, cache_dir=tmp_path, timeout=2)  # nothing listens
     assert time.perf_counter() - t0 < 5
     assert not list(tmp_path.iterdir())                              # no partial file left
+
+
+def test_open_remote_refuses_a_local_path_or_a_malformed_checksum(tmp_path):
+    with pytest.raises(ValueError, match="xarray.open_dataset"):
+        D.open_remote(D.dataset_path(NCEP).as_uri(), D.sha256_file(D.dataset_path(NCEP)), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="64 hex digits"):
+        D.open_remote("http://127.0.0.1:9/air.nc", "e56e75ae", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_open_remote_downloads_checks_and_caches(tmp_path, ncep):

@@ -3,6 +3,9 @@
 Everything here works on any ``xarray.Dataset`` of the same layout, so a reader with a real
 reanalysis opens it with ``xarray.open_dataset`` and passes it to the same functions:
 
+* :func:`find_data_dir` finds the folder of the shipped files: the environment variable
+  ``TQSLITE_DATA``, else the ``data/`` folder of the repository the package sits in (an
+  editable install, ``pip install -e .``); otherwise it says how to get the data.
 * :func:`load_dataset` opens a file shipped in ``data/`` after checking its SHA-256 against
   ``data/SHA256SUMS`` (checkpoints: ``data/checkpoints/SHA256SUMS``); a mismatch is refused with
   the file's name and the command that regenerates it (:class:`ChecksumError`).
@@ -21,6 +24,13 @@ reanalysis opens it with ``xarray.open_dataset`` and passes it to the same funct
 
 Layouts. *Grid*: dims ``time``, ``lat``, ``lon`` (any latitude order), one variable per field.
 *Stations*: dims ``time`` and ``station``. *Series*: dim ``time`` only.
+
+Why not ``pooch``: the checksums of the shipped files stay in ``sha256sum`` format (``cd data &&
+sha256sum -c SHA256SUMS`` checks them without Python), and a ``pooch`` registry answers a changed
+file by downloading it again, while these files have no server (what a reader needs is the
+command that rebuilds the file). For :func:`open_remote`, ``pooch.retrieve`` would replace
+about fifteen lines of the standard library with as many lines of argument and error translation
+plus a runtime dependency (``pooch`` and ``requests``), so the standard library stays.
 """
 
 from __future__ import annotations
@@ -40,9 +50,54 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
-#: The repository's ``data/`` folder (the package is installed from the repository). The
-#: environment variable ``TQSLITE_DATA`` points the loaders at another folder of the same layout.
-DATA_DIR = Path(os.environ.get("TQSLITE_DATA", Path(__file__).resolve().parent.parent / "data"))
+#: Where the data folder is in a clone of the repository: ``data/`` beside the package.
+REPOSITORY_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The folder of the shipped data cannot be found (see :func:`find_data_dir`)."""
+
+
+GET_THE_DATA = ("The shipped data live in the data/ folder of the tqslite repository: clone it and either "
+                "install the package from the clone with `pip install -e .`, or set the environment variable "
+                "TQSLITE_DATA to the clone's data/ folder before importing tqslite. Data of your own need "
+                "neither: open them with xarray.open_dataset and pass the Dataset to these functions.")
+
+
+def find_data_dir() -> Path:
+    """The folder of the shipped data files and their ``SHA256SUMS``.
+
+    Looked for in this order: the environment variable ``TQSLITE_DATA``; the ``data/`` folder
+    of the repository the package was installed from in editable mode (``pip install -e .``).
+    A folder counts only if it holds ``SHA256SUMS``.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    DataNotFoundError
+        Neither holds the data; the message says how to get it and point ``TQSLITE_DATA`` at it.
+    """
+    env = os.environ.get("TQSLITE_DATA")
+    if env:
+        folder = Path(env).expanduser()
+        if not (folder / "SHA256SUMS").is_file():
+            raise DataNotFoundError(
+                f"TQSLITE_DATA={env} has no SHA256SUMS: point it at the data/ folder of a clone of the "
+                "tqslite repository (the folder holding held_suarez_t21.nc and SHA256SUMS). " + GET_THE_DATA)
+        return folder
+    if (REPOSITORY_DATA / "SHA256SUMS").is_file():
+        return REPOSITORY_DATA
+    raise DataNotFoundError(f"tqslite's shipped data were not found: TQSLITE_DATA is not set and the package is "
+                            f"installed without its repository (no {REPOSITORY_DATA}). {GET_THE_DATA}")
+
+
+#: The data folder when ``tqslite.data`` was imported: ``TQSLITE_DATA`` if set, else the
+#: repository's ``data/``. The loaders check that it exists when they open a file, and say how to
+#: get the data when it does not (:class:`DataNotFoundError`).
+DATA_DIR = Path(os.environ["TQSLITE_DATA"]).expanduser() if os.environ.get("TQSLITE_DATA") else REPOSITORY_DATA
 
 
 @dataclass(frozen=True)
@@ -132,12 +187,16 @@ def verify_file(path, sums_file, regenerate: str) -> str:
 
     Raises
     ------
+    DataNotFoundError
+        The file's folder does not exist (the message says how to get the data).
     FileNotFoundError
         The file is missing (the message gives the command that builds it).
     ChecksumError
         No checksum is listed, or the file's SHA-256 differs from the listed one.
     """
     path, sums_file = Path(path), Path(sums_file)
+    if not path.exists() and not path.parent.is_dir():
+        raise DataNotFoundError(f"{path.parent} does not exist, so {path.name} cannot be read. {GET_THE_DATA}")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; build it with `{regenerate}` (from the repository root).")
     if not sums_file.exists():
@@ -166,11 +225,15 @@ def verify_file(path, sums_file, regenerate: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def dataset_path(name: str, data_dir=None) -> Path:
-    """Path of the shipped dataset ``name`` (a key of :data:`DATASETS`)."""
+    """Path of the shipped dataset ``name`` (a key of :data:`DATASETS`) in ``data_dir``.
+
+    ``data_dir`` defaults to :func:`find_data_dir`, which raises :class:`DataNotFoundError`
+    with instructions when the package is installed without its data.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; shipped ones are {sorted(DATASETS)}. "
                          "For another file, open it with xarray.open_dataset and pass the Dataset on.")
-    return Path(data_dir or DATA_DIR) / DATASETS[name].file
+    return Path(data_dir or find_data_dir()) / DATASETS[name].file
 
 
 def load_dataset(name: str, data_dir=None, verify: bool = True) -> xr.Dataset:
@@ -182,7 +245,7 @@ def load_dataset(name: str, data_dir=None, verify: bool = True) -> xr.Dataset:
         ``"held_suarez"``, ``"held_suarez_heldout"``, ``"irish_wind"``, ``"clemson"`` or
         ``"ncep_air_small"`` (see :data:`DATASETS`).
     data_dir : path-like, optional
-        Folder holding the file and its ``SHA256SUMS`` (default :data:`DATA_DIR`).
+        Folder holding the file and its ``SHA256SUMS`` (default: :func:`find_data_dir`).
     verify : bool
         Check the SHA-256 first (default). A mismatch raises :class:`ChecksumError` naming the
         file and the command that regenerates it.
@@ -207,15 +270,16 @@ def load_dataset(name: str, data_dir=None, verify: bool = True) -> xr.Dataset:
 def open_remote(url: str, sha256: str, cache_dir=None, timeout: float = 10.0) -> xr.Dataset:
     """Download a netCDF file once (checked against ``sha256``), cache it, and open it.
 
-    Meant for a reader with internet who wants to run the book on a real reanalysis. Without a
-    connection it fails at once (within ``timeout`` seconds) with a :class:`ConnectionError`
-    that says what to do instead: download the file by other means and pass
-    ``xarray.open_dataset(path)`` to the same functions.
+    Meant for a reader with internet who wants to run the book on a real reanalysis; nothing in
+    tqslite calls it. Without a connection it fails at once (within ``timeout`` seconds) with a
+    :class:`ConnectionError` that says what to do instead: download the file by other means and
+    pass ``xarray.open_dataset(path)`` to the same functions.
 
     Parameters
     ----------
     url : str
-        ``http(s)://`` or ``file://`` address of a netCDF file.
+        ``http(s)://`` address of a netCDF file (a local file needs no download: open it with
+        ``xarray.open_dataset``).
     sha256 : str
         Its expected SHA-256 (hex); a download that does not match is deleted and refused.
     cache_dir : path-like, optional
@@ -229,10 +293,16 @@ def open_remote(url: str, sha256: str, cache_dir=None, timeout: float = 10.0) ->
     xarray.Dataset
         Loaded into memory.
     """
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"open_remote downloads http(s):// addresses, not {url!r}; "
+                         "open a local file with xarray.open_dataset(path).")
+    sha256 = sha256.lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"sha256={sha256!r} is not a SHA-256 (64 hex digits); `sha256sum FILE` prints one.")
     cache = Path(cache_dir or Path.home() / ".cache" / "tqslite")
-    name = Path(urllib.parse.urlparse(url).path).name or "download.nc"
-    target = cache / f"{sha256[:16]}-{name}"
-    if not (target.exists() and sha256_file(target) == sha256.lower()):
+    path = cache / f"{sha256[:16]}-{Path(parsed.path).name or 'download.nc'}"
+    if not (path.exists() and sha256_file(path) == sha256):
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
         try:
@@ -245,12 +315,12 @@ def open_remote(url: str, sha256: str, cache_dir=None, timeout: float = 10.0) ->
                 "this one, download the file by other means, then pass xarray.open_dataset(path) to "
                 "the tqslite.data functions.") from None
         got = sha256_file(tmp)
-        if got != sha256.lower():
+        if got != sha256:
             os.unlink(tmp)
             raise ChecksumError(f"{url} downloaded, but its SHA-256 is {got[:12]}..., not {sha256[:12]}...: "
                                 "the file changed on the server or the checksum is wrong; nothing was kept.")
-        os.replace(tmp, target)
-    with xr.open_dataset(target) as ds:
+        os.replace(tmp, path)
+    with xr.open_dataset(path) as ds:
         return ds.load()
 
 
