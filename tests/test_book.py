@@ -1,4 +1,4 @@
-"""Tests of the book pipeline, tqslite/book.py: executing notebooks and building the site.
+"""Tests of the book pipeline, tqslite/book/: executing notebooks and building the site.
 
 The site is built once per module (fixture ``site``) from the real pages in book/ and two tiny
 notebooks written here, so these tests take well under two minutes however long the real
@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import nbformat
 import pytest
 import yaml
 
+import tqslite
+import tqslite.book.site as site_tooling
 from tqslite import book
 from tqslite.book import BookBuildError, NotebookError, build_site, execute_notebook, find_notebook
 
@@ -130,7 +133,7 @@ def test_api_page_documents_the_library(site):
 def test_api_md_lists_every_module():
     """A new module of tqslite needs an automodule entry in book/api.md."""
     api_md = (book.BOOK_DIR / "api.md").read_text()
-    package = Path(book.__file__).parent
+    package = Path(tqslite.__file__).parent
     for path in sorted(package.glob("*.py")):
         if path.stem.startswith("_"):
             continue
@@ -153,7 +156,7 @@ def test_site_loads_nothing_from_the_network(site):
 
 def test_incomplete_site_is_an_error(tmp_path, monkeypatch):
     """If jupyter-book 'succeeds' without writing the pages, the build says which are missing."""
-    monkeypatch.setattr(book.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, ""))
+    monkeypatch.setattr(site_tooling.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, ""))
     with pytest.raises(BookBuildError, match=r"index.html is missing.*intro"):
         build_site(out=tmp_path / "html", stage=tmp_path / "stage", notebooks_dir=tmp_path / "none")
 
@@ -236,6 +239,37 @@ def test_run_reports_failure_with_exit_status(tmp_path, capsys):
     assert "08_fail.ipynb" in error and "index 0" in error and "ZeroDivisionError" in error
 
 
+def test_python_m_tqslite_book_is_the_command_line(tmp_path):
+    """``python -m tqslite.book`` (which other tools and DEVELOPERS.md call) reaches the command line."""
+    src = write_notebook(tmp_path / "09_strip.ipynb", [("params", "bits = 4"), ("code", "print(bits)")])
+    nb = nbformat.read(src, as_version=4)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="4\n")]
+    nb.cells[1].execution_count = 1
+    nbformat.write(nb, src)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(book.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    run = [sys.executable, "-W", "error", "-m", "tqslite.book", "strip", str(src)]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("stripped:")
+    stripped = nbformat.read(src, as_version=4)
+    assert stripped.cells[1].outputs == [] and stripped.cells[1].execution_count is None
+    assert stripped.cells[0].metadata["tags"] == ["parameters"]
+    assert subprocess.run(run, capture_output=True, text=True, env=env, timeout=120).stdout.startswith("already clean")
+
+
+def test_the_library_never_imports_the_book_tooling():
+    """Importing every module of tqslite (the command line aside) leaves tqslite.book unimported."""
+    modules = sorted(p.stem for p in Path(tqslite.__file__).parent.glob("*.py") if p.stem not in ("__init__", "cli"))
+    modules += ["baselines", "models"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module('tqslite.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('tqslite.book')))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(book.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_find_notebook(tmp_path):
     for name in ["01_dynamical_systems", "06_allocation", "10_onnx", "11_baselines", "11_cost"]:
         write_notebook(tmp_path / f"{name}.ipynb", BETA)
@@ -254,11 +288,11 @@ def test_find_notebook(tmp_path):
 
 
 def test_parameter_values_are_python_literals():
-    assert book._parse_value("3") == 3
-    assert book._parse_value("0.5") == 0.5
-    assert book._parse_value("True") is True
-    assert book._parse_value("[2, 4]") == [2, 4]
-    assert book._parse_value("runs/x") == "runs/x"
+    assert book.parse_value("3") == 3
+    assert book.parse_value("0.5") == 0.5
+    assert book.parse_value("True") is True
+    assert book.parse_value("[2, 4]") == [2, 4]
+    assert book.parse_value("runs/x") == "runs/x"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,57 +1,25 @@
-"""Execute the book's notebooks with papermill and build the site with jupyter-book.
+"""Find, execute (with papermill) and strip the book's notebooks.
 
-The tutorial book is made of the numbered notebooks ``notebooks/NN_*.ipynb`` and the pages and
-configuration in ``book/``. Building it takes four steps, done by :func:`build_site`:
-
-1. copy ``book/`` into a staging folder (``_build/stage/``), so the sources are never touched;
-2. execute every notebook with papermill into ``stage/notebooks/``, passing the parameters
-   ``output_dir`` (a folder inside the stage for its results) and ``smoke``;
-3. write the staged ``_toc.yml``: its "Notebooks" part gets one entry per notebook, in file-name
-   order, so adding a notebook needs no edit of the table of contents;
-4. run ``jupyter-book build`` on the stage with warnings as errors (``-W --keep-going``), check
-   that every page of the table of contents was written, and copy the site to
-   ``book/_build/html``.
-
-jupyter-book never executes anything itself (``execute_notebooks: "off"`` in ``_config.yml``):
-the site shows the outputs papermill stored. :func:`execute_notebook` runs one notebook, and is
-what ``python -m tqslite.book run`` calls.
-
-Command line::
-
-    python -m tqslite.book build [--smoke] [--out DIR] [--timeout SECONDS]
-    python -m tqslite.book run NOTEBOOK [-p NAME VALUE ...] [--out DIR] [--smoke]
-    python -m tqslite.book strip NOTEBOOK [NOTEBOOK ...]
-
-``NOTEBOOK`` is a number (``06``), a name prefix (``06_alloc``) or a path to a notebook.
-In SMOKE mode every notebook runs its quick version: it gets the parameter ``smoke=True`` and
-the environment variable ``TQSLITE_SMOKE=1`` (which is what notebooks read when run by a tool
-that cannot pass parameters, such as nbmake).
+Part of the book's build tooling (:mod:`tqslite.book`), which the library never imports.
+:func:`execute_notebook` runs one notebook with parameters, in SMOKE mode if asked, and turns a
+failure into a :class:`NotebookError` that names the notebook, the cell and the exception;
+:func:`list_notebooks` and :func:`find_notebook` find the book's ``notebooks/NN_*.ipynb``;
+:func:`strip_outputs` removes outputs before a commit.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The repository holding the book (the tooling works in a clone, never from an installed wheel).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-BOOK_DIR = REPO_ROOT / "book"
-STAGE_DIR = REPO_ROOT / "_build" / "stage"
-SITE_DIR = BOOK_DIR / "_build" / "html"
 
 #: The book's notebooks: two digits, an underscore, a name. Anything else in ``notebooks/``
 #: (scratch files, checkpoints) is not part of the book.
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
-
-#: Caption of the part of ``_toc.yml`` that :func:`build_site` fills with the notebooks.
-NOTEBOOKS_PART = "Notebooks"
 
 #: Kernel that executes the notebooks. jupyter_client starts the ``python3`` kernel with the
 #: interpreter that is running this code (``sys.executable``), so a build started from the
@@ -85,10 +53,6 @@ class NotebookError(RuntimeError):
         self.cell_index = cell_index
         self.ename = ename
         self.evalue = evalue
-
-
-class BookBuildError(RuntimeError):
-    """The site could not be built: failing notebooks, Sphinx errors or a missing page."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +180,7 @@ def _last_started_cell(src: Path, executed: Path) -> int | None:
     return _source_cell_index(nbformat.read(src, as_version=4), started[-1])
 
 
-def _display(path: Path) -> str:
+def display_path(path) -> str:
     """A path relative to the repository when it is inside it, else absolute."""
     path = Path(path).absolute()
     try:
@@ -316,155 +280,20 @@ def execute_notebook(src, out_dir, parameters=None, smoke=False, timeout=CELL_TI
         if not err.evalue and err.ename == "CellExecutionError":
             reason = "the cell stopped without a Python error; its executed copy may say why"
         raise NotebookError(
-            f"{_display(src)} failed in {where}:\n    {reason}\n"
-            f"The executed copy, with the traceback, is at {_display(executed)}.",
+            f"{display_path(src)} failed in {where}:\n    {reason}\n"
+            f"The executed copy, with the traceback, is at {display_path(executed)}.",
             src, executed, cell_index=cell, ename=err.ename, evalue=err.evalue,
         ) from err
     except Exception as err:  # a cell timed out, the kernel died or did not start
         cell = _last_started_cell(src, executed)
         where = "before running any cell" if cell is None else f"in cell #{cell + 1} (index {cell})"
         raise NotebookError(
-            f"{_display(src)} stopped {where}: {type(err).__name__}: {err}\n"
-            f"Whatever was executed is at {_display(executed)}.",
+            f"{display_path(src)} stopped {where}: {type(err).__name__}: {err}\n"
+            f"Whatever was executed is at {display_path(executed)}.",
             src, executed, cell_index=cell, ename=type(err).__name__, evalue=str(err),
         ) from err
     return executed
 
-
-# ----------------------------------------------------------------------------------------------
-# Building the site
-# ----------------------------------------------------------------------------------------------
-
-
-def _write_toc(stage: Path, notebooks: list[Path]) -> list[str]:
-    """Fill the "Notebooks" part of the staged ``_toc.yml``; return every page of the toc.
-
-    The part gets one ``file:`` entry per notebook; it is dropped when there are none, since
-    jupyter-book refuses an empty part.
-    """
-    import yaml
-
-    toc_path = stage / "_toc.yml"
-    toc = yaml.safe_load(toc_path.read_text())
-    for part in toc.get("parts", []):
-        if part.get("caption") == NOTEBOOKS_PART:
-            part["chapters"] = [{"file": f"notebooks/{nb.stem}"} for nb in notebooks]
-    toc["parts"] = [part for part in toc.get("parts", []) if part.get("chapters")]
-    header = "# Written by tqslite/book.py from book/_toc.yml and the notebooks it executed.\n"
-    toc_path.write_text(header + yaml.safe_dump(toc, sort_keys=False))
-
-    pages = [toc["root"]]
-    for part in toc["parts"]:
-        pages += [chapter["file"] for chapter in part["chapters"]]
-    return pages
-
-
-def _mark_smoke(stage: Path) -> None:
-    """Add a banner to every page of a site built in SMOKE mode."""
-    import yaml
-
-    config_path = stage / "_config.yml"
-    config = yaml.safe_load(config_path.read_text())
-    config.setdefault("html", {})["announcement"] = (
-        "Built in SMOKE mode: the notebooks ran their quick versions, so the numbers are not final."
-    )
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def build_site(smoke=False, out=SITE_DIR, stage=STAGE_DIR, notebooks_dir=NOTEBOOKS_DIR,
-               book_dir=BOOK_DIR, timeout=CELL_TIMEOUT) -> Path:
-    """Execute every notebook and build the HTML site of the book.
-
-    Parameters
-    ----------
-    smoke : bool
-        Execute the notebooks in SMOKE mode (quick versions) and say so in a banner on every page.
-    out : path-like
-        Where the site goes (default ``book/_build/html``); replaced if it exists.
-    stage : path-like
-        Scratch folder for the staged book (default ``_build/stage``); replaced if it exists.
-        After a build it holds the executed notebooks, their results under ``outputs/``, and,
-        after a failure, the executed copy of every failing notebook.
-    notebooks_dir : path-like
-        Folder of the ``NN_*.ipynb`` notebooks (default: the repository's ``notebooks/``).
-    book_dir : path-like
-        Folder of the configuration and pages (default: the repository's ``book/``).
-    timeout : float
-        Seconds one cell may run.
-
-    Returns
-    -------
-    pathlib.Path
-        The site folder, holding ``index.html``.
-
-    Raises
-    ------
-    BookBuildError
-        If a notebook fails (all notebooks are run first; the message lists every failure), if
-        jupyter-book reports an error or a warning, or if a page of the table of contents is
-        missing from the site.
-    """
-    out, stage = Path(out).absolute(), Path(stage).absolute()
-    notebooks = list_notebooks(notebooks_dir)
-    print(f"Building the book: {len(notebooks)} notebook(s){' in SMOKE mode' if smoke else ''}.", flush=True)
-
-    # 1. Stage the book's configuration and pages.
-    if stage.exists():
-        shutil.rmtree(stage)
-    shutil.copytree(book_dir, stage, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
-    if smoke:
-        _mark_smoke(stage)
-
-    # 2. Execute the notebooks into the stage. Run them all, then report every failure.
-    failures = []
-    for i, nb in enumerate(notebooks, start=1):
-        print(f"[{i}/{len(notebooks)}] executing {nb.name} ...", end=" ", flush=True)
-        start = time.perf_counter()
-        try:
-            execute_notebook(nb, stage / "notebooks", smoke=smoke, timeout=timeout, cwd=stage / "notebooks",
-                             parameters={"output_dir": str(stage / "outputs" / nb.stem)})
-            print(f"{time.perf_counter() - start:.1f} s", flush=True)
-        except NotebookError as err:
-            print("FAILED", flush=True)
-            failures.append(str(err))
-    if failures:
-        raise BookBuildError(f"{len(failures)} notebook(s) failed, so the site was not built:\n\n"
-                             + "\n\n".join(failures))
-
-    # 3. The table of contents lists the notebooks that were executed.
-    pages = _write_toc(stage, notebooks)
-
-    # 4. Build the site with Sphinx, warnings being errors. jupyter-book runs in a subprocess of
-    #    this interpreter, with this checkout first on PYTHONPATH so that the API reference
-    #    documents it. Warnings (stderr) show as they come; its progress log (stdout) is shown
-    #    only if it fails, as its closing banner points to the stage rather than to `out`.
-    print("Running jupyter-book (warnings are errors) ...", flush=True)
-    command = [sys.executable, "-c", "from jupyter_book.cli.main import main; main()",
-               "build", str(stage), "--builder", "html", "-W", "--keep-going", "--all"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
-    html = stage / "_build" / "html"
-    if result.returncode != 0:
-        print(result.stdout, flush=True)
-        raise BookBuildError(
-            f"jupyter-book failed (exit code {result.returncode}): its warnings and errors are "
-            f"printed above; fix each one (warnings count as errors). They name files in the "
-            f"stage {_display(stage)}: a page there is a copy of the one in book/, and "
-            f"notebooks/NN_*.ipynb there is the executed copy of the notebook of that name."
-        )
-    missing = [page for page in pages if not (html / f"{page}.html").is_file()]
-    if not (html / "index.html").is_file() or missing:
-        raise BookBuildError(
-            f"The site in {_display(html)} is incomplete: index.html "
-            f"{'exists' if (html / 'index.html').is_file() else 'is missing'}; "
-            f"missing pages: {', '.join(missing) or 'none'}."
-        )
-
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(html, out)
-    print(f"The site is in {_display(out)} ({len(pages)} pages); open {_display(out / 'index.html')}.", flush=True)
-    return out
 
 
 def strip_outputs(path) -> bool:
@@ -489,70 +318,3 @@ def strip_outputs(path) -> bool:
         path.write_text(after)
     return after != before
 
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-
-
-def _parse_value(text: str):
-    """Read a ``-p`` value as a Python literal (``3``, ``0.5``, ``True``, ``[2, 4]``), else a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def main(argv=None) -> int:
-    """Run the command line: ``build`` the site or ``run`` one notebook.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments without the program name (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status: 0 on success, 1 if a notebook or the build failed.
-    """
-    parser = argparse.ArgumentParser(prog="python -m tqslite.book", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    build = commands.add_parser("build", help="execute every notebook and build the site")
-    build.add_argument("--smoke", action="store_true", help="run the notebooks' quick versions")
-    build.add_argument("--out", type=Path, default=SITE_DIR, help=f"site folder (default: {_display(SITE_DIR)})")
-    build.add_argument("--timeout", type=float, default=CELL_TIMEOUT, help="seconds one cell may run")
-
-    run = commands.add_parser("run", help="execute one notebook with parameters")
-    run.add_argument("notebook", help="number (06), name prefix (06_alloc) or path of a notebook")
-    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="set a parameter; VALUE is read as a Python literal if it is one, else as a string")
-    run.add_argument("--out", type=Path, default=None, help="folder for the executed copy (default: runs/<notebook>)")
-    run.add_argument("--smoke", action="store_true", help="run the notebook's quick version")
-    run.add_argument("--timeout", type=float, default=CELL_TIMEOUT, help="seconds one cell may run")
-
-    strip = commands.add_parser("strip", help="remove outputs from notebooks in place, keeping cell tags")
-    strip.add_argument("paths", nargs="+", type=Path, help="notebooks to strip")
-
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "strip":
-            for path in args.paths:
-                print(f"{'stripped' if strip_outputs(path) else 'already clean'}: {path}")
-        elif args.command == "build":
-            build_site(smoke=args.smoke, out=args.out, timeout=args.timeout)
-        else:
-            src = find_notebook(args.notebook)
-            out = args.out or REPO_ROOT / "runs" / src.stem
-            parameters = {name: _parse_value(value) for name, value in args.parameter}
-            executed = execute_notebook(src, out, parameters=parameters, smoke=args.smoke, timeout=args.timeout)
-            print(f"Executed {_display(src)} -> {_display(executed)}")
-    except (NotebookError, BookBuildError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
