@@ -3,6 +3,7 @@
 import functools
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -293,3 +294,105 @@ def test_open_remote_downloads_checks_and_caches(tmp_path, ncep):
         server.server_close()
     # the good file stays cached: opening it again needs no server
     assert D.open_remote(url, D.sha256_file(path), cache_dir=cache, timeout=1).sizes["time"] == 20
+
+
+# --------------------------------------------------------------------------------------------
+# data/README.md quotes what data/scripts/describe.py prints
+# --------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Sentences of data/README.md with the printed values in place of ``{name}`` (line breaks and
+#: list indents of the README read as single spaces): each value is bound to its quantity.
+README_QUOTES = [
+    "Total size about {files.total_mb} MB",
+    "| {hs.dims} | {held_suarez_t21.nc.bytes} |",
+    "| {hs_heldout.dims} | {held_suarez_t21_heldout.nc.bytes} |",
+    "| {wind.dims} | {irish_wind.nc.bytes} |",
+    "| {clemson.dims} | {clemson_temps.nc.bytes} |",
+    "| {ncep.dims} | {ncep_air_small.nc.bytes} |",
+    "Spin-up {hs.spinup_days} days",
+    "Main run: seed {hs.seed}, {hs.steps} snapshots ({hs.days} days)",
+    "Held-out run: seed {hs_heldout.seed}, its own {hs_heldout.spinup_days}-day spin-up, "
+    "{hs_heldout.steps} snapshots ({hs_heldout.days} days)",
+    "divide by {hs.gravity} m s⁻²",
+    "| m² s⁻² | {hs.z500.packing} (", "| K | {hs.t850.packing} (", "| Pa | {hs.ps.packing} (",
+    "RMS 24-hour change is {hs.z500.rms_24h} m² s⁻² for z500 and {hs.t850.rms_24h} K for t850",
+    "zonal-mean, is {hs.z500.rms_unrelated} m² s⁻²",
+    "centres (σ = {hs.sigma_centres})",
+    "p_s < {hs.extrapolation_ps_hpa} hPa: {hs.extrapolated_points} grid points of the main file",
+    "**ascending** ({hs.lat}, degrees_north)",
+    "main run {hs.time}; held-out run {hs_heldout.time}.",
+    "u250 maxima (main file): {hs.u250.jet_south} (grid maximum; parabolic peak "
+    "{hs.u250.jet_south_parabolic}) and {hs.u250.jet_north} (parabolic peak {hs.u250.jet_north_parabolic})",
+    "The u850 maxima are {hs.u850.jet_south} and {hs.u850.jet_north}.",
+    "Held-out file: u250 peaks {hs_heldout.u250.jet_south_parabolic} and {hs_heldout.u250.jet_north_parabolic}.",
+    "z500 {hs.z500.range} m² s⁻²; t850 {hs.t850.range} K; u250 {hs.u250.range} m s⁻¹; ps {hs.ps.range} Pa; "
+    "area-unweighted means ps {hs.ps.mean} Pa, t850 {hs.t850.mean} K",
+    "{wind.time}: **{wind.days} days** × 12 stations",
+    "column order: {wind.stations})",
+    "Mean over all stations and days: {wind.mean} knots.",
+    "→ {wind.VAL.latitude})",
+    "{clemson.time}, on a complete daily axis of **{clemson.days} days**",
+    "The source has {clemson.source_rows} rows",
+    "Total NaN in the file: tmax {clemson.missing_tmax}, tmin {clemson.missing_tmin}.",
+    "Remaining ranges: tmax {clemson.tmax.range} °F, tmin {clemson.tmin.range} °F",
+    "on {clemson.tmin.max_day} looks doubtful",
+    "{ncep.time} ({ncep.steps} steps)",
+    "**descending** {ncep.lat} °N, 53 longitudes {ncep.lon} °E. Range {ncep.range} K.",
+    "sha256 `{ncep.sha256}`",
+]
+
+#: Numbers of data/README.md that describe no shipped file, each with why it is there. Code,
+#: the "Environment used" section and the provenance and licence paragraphs (versions and
+#: citations) are not checked.
+NOT_DATA = {
+    "1994": "year of Held & Suarez's paper",
+    "850": "a pressure level (hPa) in a variable's description", "24": "the interval of the RMS change (hours)",
+    "0.2": "the z500 packing step in geopotential metres: 2 / 9.80616", "0.44": "timing at regeneration (said so)",
+    "5.5": "timing at regeneration (said so)", "2.5": "timing at regeneration (said so)",
+    "33": "rounded from the parabolic peaks quoted before it", "34": "rounded from the parabolic peaks",
+    "35": "the jet latitude expected from HS94 runs", "40": "the jet latitude expected / the doubling run's 40 days",
+    "30": "start of the third doubling pair (day 30)", "0.010938": "dinosaur's default filter setting",
+    "18": "dinosaur's default filter setting", "0.514444": "the definition of a knot in m/s",
+    "0.5418": "the typo quoted from gstat's help page",
+}
+
+NUMBER = re.compile(r"(?<![\w.\-−/])[-−]?\d[\d,]*(?:\.\d+)?(?!\w)")
+
+
+def numbers(text: str) -> list[str]:
+    return [n.replace("−", "-").rstrip(",") for n in NUMBER.findall(text)]
+
+
+def checked_paragraphs(readme: str) -> list[str]:
+    """The README without code, headings, the environment section and provenance/licence paragraphs."""
+    text = re.sub(r"```.*?```", " ", readme, flags=re.S)
+    text = re.sub(r"## Environment used.*?\n---\n", " ", text, flags=re.S)
+    text = re.sub(r"`[^`]*`", " ", text)
+    paragraphs = re.split(r"\n\s*\n", text)
+    return [p for p in paragraphs if not re.match(r"\s*(#|\*\*(Provenance|Licence))", p)]
+
+
+@pytest.fixture(scope="module")
+def described() -> dict[str, str]:
+    out = subprocess.run([sys.executable, str(REPO / "data" / "scripts" / "describe.py")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    return dict(line.split(" = ", 1) for line in out.stdout.splitlines())
+
+
+def test_data_readme_quotes_what_describe_prints(described):
+    readme = " ".join((REPO / "data" / "README.md").read_text().split())
+    for template in README_QUOTES:
+        quote = re.sub(r"\{([\w.]+)\}", lambda m: described[m.group(1)], template)
+        assert quote in readme, f"data/README.md should say {quote!r} (python data/scripts/describe.py)"
+
+
+def test_every_number_in_the_data_readme_is_printed_or_explained(described):
+    printed = set(numbers(" ".join(described.values())))
+    readme = (REPO / "data" / "README.md").read_text()
+    unsourced = [(n, p.strip()[:50]) for p in checked_paragraphs(readme) for n in numbers(p)
+                 if n not in printed and n not in NOT_DATA]
+    assert not unsourced, ("numbers in data/README.md that data/scripts/describe.py does not print: "
+                           f"{unsourced}; print them there, or list them in NOT_DATA with the reason")
