@@ -374,6 +374,13 @@ def checked_paragraphs(readme: str) -> list[str]:
     return [p for p in paragraphs if not re.match(r"\s*(#|\*\*(Provenance|Licence))", p)]
 
 
+#: The same for the data section of the repository's README.md.
+MAIN_README_QUOTES = [
+    "Irish daily wind at {wind.station_count} stations ({wind.years}), Clemson SC daily temperatures "
+    "({clemson.years}) and a {ncep.steps}-step slice of the NCEP reanalysis",
+]
+
+
 @pytest.fixture(scope="module")
 def described() -> dict[str, str]:
     out = subprocess.run([sys.executable, str(REPO / "data" / "scripts" / "describe.py")],
@@ -387,6 +394,10 @@ def test_data_readme_quotes_what_describe_prints(described):
     for template in README_QUOTES:
         quote = re.sub(r"\{([\w.]+)\}", lambda m: described[m.group(1)], template)
         assert quote in readme, f"data/README.md should say {quote!r} (python data/scripts/describe.py)"
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for template in MAIN_README_QUOTES:
+        quote = re.sub(r"\{([\w.]+)\}", lambda m: described[m.group(1)], template)
+        assert quote in readme, f"README.md should say {quote!r} (python data/scripts/describe.py)"
 
 
 def test_every_number_in_the_data_readme_is_printed_or_explained(described):

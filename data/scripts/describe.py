@@ -1,4 +1,4 @@
-"""Print the numbers that data/README.md quotes, computed from the shipped files.
+"""Print the numbers that data/README.md (and the README's data section) quote, from the shipped files.
 
 Run from the repository root (any environment that reads netCDF with xarray; a few seconds)::
 
@@ -145,6 +145,7 @@ def irish_wind() -> dict[str, str]:
     return {
         "wind.dims": f"time {ds.sizes['time']}, station {ds.sizes['station']}",
         "wind.days": f"{ds.sizes['time']}",
+        "wind.station_count": str(ds.sizes["station"]),
         "wind.stations": " ".join(ds.station.values),
         "wind.names": ", ".join(ds.station_name.values),
         "wind.time": f"{str(ds.time.values[0])[:10]} … {str(ds.time.values[-1])[:10]}",
