@@ -50,12 +50,14 @@ class Emulator(nn.Module):
 
 def fit_emulator(trajectory: torch.Tensor, width: int = 64, depth: int = 2, steps: int = 2000,
                  batch_size: int = 256, lr: float = 3e-3, seed: int = 0) -> tuple[Emulator, list[float]]:
-    """Train an :class:`Emulator` on consecutive pairs of a trajectory.
+    """Train an :class:`Emulator` on consecutive pairs of one trajectory or of several.
 
     Parameters
     ----------
-    trajectory : Tensor, shape ``(n, D)``
-        States ``x_0 .. x_{n-1}`` of the true system at equal time steps.
+    trajectory : Tensor, shape ``(n, D)`` or ``(n, B, D)``
+        States ``x_0 .. x_{n-1}`` of the true system at equal time steps; with a middle dim,
+        ``B`` trajectories of the same length, whose pairs are pooled (a pair never spans two
+        trajectories).
     width, depth : int
         Hidden width and number of residual blocks.
     steps, batch_size, lr : int, int, float
@@ -70,12 +72,15 @@ def fit_emulator(trajectory: torch.Tensor, width: int = 64, depth: int = 2, step
         (mean squared error of the normalised increment).
     """
     x = torch.as_tensor(trajectory, dtype=torch.float32)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"trajectory must be (n, D) with n >= 2, got shape {tuple(x.shape)}.")
-    inputs, increments = x[:-1], x[1:] - x[:-1]
+    if x.ndim not in (2, 3) or len(x) < 2:
+        raise ValueError(f"trajectory must be (n, D) or (n, B, D) with n >= 2 steps, got shape {tuple(x.shape)}.")
+    if x.ndim == 2:
+        x = x[:, None]
+    dim = x.shape[-1]
+    inputs, increments = x[:-1].reshape(-1, dim), (x[1:] - x[:-1]).reshape(-1, dim)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = Emulator(x.shape[1], width, depth)
+    model = Emulator(dim, width, depth)
     model.x_mean.copy_(inputs.mean(0))
     model.x_std.copy_(inputs.std(0))
     model.inc_mean.copy_(increments.mean(0))
