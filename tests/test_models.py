@@ -177,7 +177,8 @@ def test_checkpoint_metadata_records_how_it_was_made(loaded):
         for key in ("seed", "torch_version", "training_seconds", "loss_curve", "architecture", "training", "skill"):
             assert key in meta, f"{name}.json lacks {key}"
         assert meta["data"]["sha256"] == D.read_checksums(D.DATA_DIR / "SHA256SUMS")[meta["data"]["file"]]
-        assert 50_000 <= meta["n_parameters"] <= 300_000
+        system = loaded[name][0]
+        assert meta["n_parameters"] == sum(p.numel() for p in system.module.parameters()), name
         assert len(meta["loss_curve"]["step"]) == len(meta["loss_curve"]["loss"]) > 10
 
 
