@@ -343,9 +343,8 @@ README_QUOTES = [
     "sha256 `{ncep.sha256}`",
 ]
 
-#: Numbers of data/README.md that describe no shipped file, each with why it is there. Code,
-#: the "Environment used" section and the provenance and licence paragraphs (versions and
-#: citations) are not checked.
+#: Numbers of data/README.md that describe no shipped file, each with why it is there (what is
+#: checked: :func:`checked_paragraphs`).
 NOT_DATA = {
     "1994": "year of Held & Suarez's paper",
     "850": "a pressure level (hPa) in a variable's description", "24": "the interval of the RMS change (hours)",
@@ -366,11 +365,17 @@ def numbers(text: str) -> list[str]:
 
 
 def checked_paragraphs(readme: str) -> list[str]:
-    """The README without code, headings, the environment section and provenance/licence paragraphs."""
-    text = re.sub(r"```.*?```", " ", readme, flags=re.S)
-    text = re.sub(r"## Environment used.*?\n---\n", " ", text, flags=re.S)
-    text = re.sub(r"`[^`]*`", " ", text)
-    paragraphs = re.split(r"\n\s*\n", text)
+    """Paragraphs of the README that describe the shipped files.
+
+    The text before the first section (the table of files) and the sections whose heading names
+    a file that ``describe.py`` reads; within them, not code, nor the provenance and licence
+    paragraphs (citations). Other sections (the environment used, data that are not shipped)
+    are left to their own checks.
+    """
+    shipped = re.findall(r'"(\w+\.nc)"', (REPO / "data" / "scripts" / "describe.py").read_text())
+    sections = re.split(r"\n(?=## )", re.sub(r"```.*?```", " ", readme, flags=re.S))
+    kept = [sections[0]] + [s for s in sections[1:] if any(f in s.splitlines()[0] for f in shipped)]
+    paragraphs = re.split(r"\n\s*\n", re.sub(r"`[^`]*`", " ", "\n\n".join(kept)))
     return [p for p in paragraphs if not re.match(r"\s*(#|\*\*(Provenance|Licence))", p)]
 
 
