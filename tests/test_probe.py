@@ -10,6 +10,7 @@ from conftest import linear_system, same_weights, snapshot
 from torch import nn
 
 import tqslite
+import tqslite.sweep
 from tqslite import Gaussian, Int, MSEClip, QuantResidual, gamma_at, probe
 from tqslite.units import BlockUnits, TensorUnits, Unit
 
@@ -261,7 +262,8 @@ def test_parallel_executors_give_identical_scores(mlp, x0):
 def test_dask_local_cluster_gives_identical_scores(mlp, x0):
     distributed = pytest.importorskip("distributed")
     serial = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False, chunk_units=2)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=tqslite.sweep.WORKER_ENV) as cluster, \
             distributed.Client(cluster) as client:
         remote = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
                        executor=client.get_executor(), chunk_units=2)

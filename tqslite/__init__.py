@@ -10,6 +10,8 @@ The pieces, one module per job:
 * :mod:`tqslite.units` -- the tensors and blocks that share one configuration;
 * :mod:`tqslite.systems` -- models as state-to-state maps, Lorenz-63 and Lorenz-96;
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
+* :mod:`tqslite.batched` -- many perturbed copies of a model in one batched pass (the probe's engine);
+* :mod:`tqslite.sweep` -- long sweeps: resumable from a netCDF file, on any executor or a dask cluster;
 * :mod:`tqslite.activations` -- static, dynamic and probabilistic activation quantization, and
   the probe for activation noise;
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;

@@ -46,10 +46,9 @@ from torch.overrides import TorchFunctionMode
 
 #: PyTorch's message when an op has no batching rule and vmap runs it once per copy.
 _SLOW_OP = re.compile(r"batching rule for (\S+)\.")
-#: Default budget on the CPU for a chunk's stacked weights and activations, in bytes. Larger
-#: chunks win nothing on a CPU once the model's own matrix products are large (benchmarks/
-#: probe_throughput.py measures it) and lose once the activations leave the caches.
-CPU_BUDGET = 64 * 2**20
+#: Budget on the CPU for a chunk's stacked weights and activations, in bytes, when batches are
+#: asked for there (the probe's default on the CPU is one unit at a time).
+CPU_BUDGET = 2**30
 
 
 class NotBatchable(RuntimeError):
@@ -194,7 +193,10 @@ class _LiveBytes(TorchFunctionMode):
         return out
 
     def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts: not counted
+            return
         key = storage.data_ptr()
         if key == 0:
             return

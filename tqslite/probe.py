@@ -144,7 +144,7 @@ def as_states(x0, dtype, device=None) -> torch.Tensor:
     """Initial states as a tensor ``(N, *S)`` of ``dtype``; ``ValueError`` if not a finite batch."""
     if isinstance(x0, xr.DataArray):
         x0 = x0.values
-    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype=dtype, device=device)
+    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0, device=device).to(dtype=dtype)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must be a batch of initial states (N, *S) with N >= 1, got shape {tuple(x0.shape)}.")
     check_finite(x0, "initial states x0")
@@ -206,18 +206,19 @@ def probe(
         Show a tqdm progress bar over units.
     chunk_units : int, optional
         At most this many units per batched pass (:mod:`tqslite.batched`): their perturbed
-        copies run as one forward pass on a batch ``(K, batch_size, *S)``. Default: as many as
-        ``memory_budget`` allows (with an executor, also few enough to give every worker two
-        chunks). Scores depend on the chunks only through the order of floating-point
-        operations, so they agree with the one-unit-at-a-time probe within float tolerance,
-        and bit for bit between runs with the same chunks.
-        ``1`` scores one unit at a time, its weights swapped in place. Systems without
-        ``functional_step`` (ONNX graphs) and models ``torch.vmap`` cannot map (a single
-        warning says why) are scored one unit at a time.
+        copies run as one forward pass on a batch ``(K, batch_size, *S)``. Default: on a CUDA
+        device as many as ``memory_budget`` allows (with an executor, also few enough to give
+        every worker two chunks); on the CPU one unit at a time, where batched passes measured
+        no faster (``benchmarks/probe_throughput.py``). ``1`` scores one unit at a time, its
+        weights swapped in place. Scores depend on the chunks only through the order of
+        floating-point operations: they agree with the one-unit probe within float tolerance,
+        and bit for bit between runs with the same chunks. Systems without ``functional_step``
+        (ONNX graphs) and models ``torch.vmap`` cannot map (a single warning says why) are
+        scored one unit at a time.
     memory_budget : int or str, optional
         Bytes one batched pass may hold (its stacked weight copies plus activations), e.g.
-        ``"4GB"``. Default: half the free memory of a CUDA device; 64 MiB on the CPU, where
-        larger chunks do not run faster (``benchmarks/probe_throughput.py``).
+        ``"4GB"``; given on the CPU, it turns batching on. Default: half the free memory of a
+        CUDA device; 1 GiB on the CPU when ``chunk_units`` asks for batches.
     checkpoint : path-like, optional
         A netCDF file that receives every unit as it is finished (:class:`tqslite.sweep.SweepFile`).
         If it exists, the sweep resumes from it: only the units it lacks are computed, and the
@@ -266,38 +267,47 @@ def probe(
         todo = [u for u in unit_list if u.label not in done]
         bar = tqdm(desc=f"TQS probe ({perturbation.kind})", total=len(unit_list), initial=len(unit_list) - len(todo),
                    disable=not progress)
-        if todo:
-            quantized = {}
-            if isinstance(perturbation, QuantResidual):  # the whole model quantized once
-                configs = {p: perturbation.config for u in unit_list for p in u.params}
-                quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
-            chunks, batched = _chunks(system, x0[:batch_size], todo, perturbation, quantized, chunk_units, budget,
-                                      executor)
-            tasks = [([todo[i] for i in c], {p: quantized[p] for i in c for p in todo[i].params if p in quantized})
-                     for c in chunks]
-            fell_back = []
-
-            def finished(j, out):
-                chunk = tasks[j][0]
-                for k, u in enumerate(chunk):
-                    done[u.label] = (out["eps"][k], out["divergence"][k], out["unmeasured"][k])
-                if sweep is not None:
-                    sweep.add(_finished_units(chunk, out))
-                if out["fell_back"]:
-                    fell_back.append(out["fell_back"])
-                bar.update(len(chunk))
-
-            fn = score_units if executor is None else _score_units_on_copy
-            run_tasks(fn, (system, x0, ref, batch_size, perturbation, batched), tasks, executor, finished,
-                      name="tqslite-probe")
-            if fell_back:
-                warnings.warn(f"the batched probe fell back to one unit at a time in {len(fell_back)} of {len(tasks)} "
-                              f"chunks: torch.vmap could not map the model's step ({fell_back[0]}).", stacklevel=2)
-        bar.close()
+        try:
+            _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, todo, done, sweep, chunk_units,
+                   budget, executor, bar)
+        finally:
+            bar.close()
     eps = np.array([done[u.label][0] for u in unit_list], dtype=np.float64)
     div = np.stack([np.asarray(done[u.label][1], dtype=np.float64) for u in unit_list])
     unmeasured = np.array([done[u.label][2] for u in unit_list], dtype=bool)
     return assemble_scores(unit_list, system, eps, div, divergence_floor(ref), unmeasured, dead_threshold, attrs)
+
+
+def _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, todo, done, sweep, chunk_units, budget,
+           executor, bar) -> None:
+    """Score the units ``todo`` in chunks; put each unit's ``(eps, divergence, unmeasured)`` in ``done``
+    (and in the sweep file) as its chunk finishes."""
+    if not todo:
+        return
+    quantized = {}
+    if isinstance(perturbation, QuantResidual):  # the whole model quantized once
+        configs = {p: perturbation.config for u in unit_list for p in u.params}
+        quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
+    chunks, batched = _chunks(system, x0[:batch_size], todo, perturbation, quantized, chunk_units, budget, executor)
+    tasks = [([todo[i] for i in c], {p: quantized[p] for i in c for p in todo[i].params if p in quantized})
+             for c in chunks]
+    fell_back = []
+
+    def finished(j, out):
+        chunk = tasks[j][0]
+        for k, u in enumerate(chunk):
+            done[u.label] = (out["eps"][k], out["divergence"][k], out["unmeasured"][k])
+        if sweep is not None:
+            sweep.add(_finished_units(chunk, out))
+        if out["fell_back"]:
+            fell_back.append(out["fell_back"])
+        bar.update(len(chunk))
+
+    fn = score_units if executor is None else _score_units_on_copy
+    run_tasks(fn, (system, x0, ref, batch_size, perturbation, batched), tasks, executor, finished, name="tqslite-probe")
+    if fell_back:
+        warnings.warn(f"the batched probe fell back to one unit at a time in {len(fell_back)} of {len(tasks)} chunks: "
+                      f"torch.vmap could not map the model's step ({fell_back[0]}).", stacklevel=3)
 
 
 def _identity(system, units, attrs: dict, perturbation, calibration) -> dict:
@@ -319,13 +329,16 @@ def _finished_units(units, out: dict) -> xr.Dataset:
 
 
 def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units, budget, executor):
-    """``(chunks, batched)``: the units cut into chunks for batched passes, or one per chunk.
+    """``(chunks, batched)``: the units cut into chunks for batched passes, or one unit per chunk.
 
-    Tries one batched step on ``x`` first: a model ``torch.vmap`` cannot map gets one warning and
-    single-unit chunks.
+    On the CPU the default is one unit at a time (batched passes measured no faster there); a
+    ``chunk_units`` above 1 or a ``memory_budget`` asks for batches anyway. One batched step on
+    ``x`` is tried first: a model ``torch.vmap`` cannot map gets one warning and single units.
     """
     singles = [[i] for i in range(len(units))]
-    if chunk_units == 1 or len(units) < 2 or not supports_batching(system):
+    on_cpu = x.device.type == "cpu"
+    if chunk_units == 1 or len(units) < 2 or not supports_batching(system) or (
+            on_cpu and chunk_units is None and budget is None):
         return singles, False
     try:
         slow = check_batchable(system, x, [_perturbed(system, u, perturbation, quantized) for u in units[:2]])

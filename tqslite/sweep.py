@@ -14,7 +14,9 @@ A probe over hundreds of units of a large model runs for hours. Two things make 
   it can be written to the file before anything else happens. On a dask cluster the shared
   arguments (the model, the states) go to every worker once (``Client.scatter``), and a worker
   that dies takes only its running task with it: dask runs that task again on another worker,
-  and every finished one is already here.
+  and every finished one is already here. Start the workers with :data:`WORKER_ENV` (a
+  warning says so when they lack it): with dask's default allocator settings tensor code ran
+  3x slower in them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hashlib
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +36,14 @@ import xarray as xr
 
 #: Written into every sweep file; a file with another value is refused.
 FORMAT = "tqslite-sweep-1"
+
+#: Environment for dask worker processes: ``LocalCluster(..., env=WORKER_ENV)``, or
+#: ``MALLOC_MMAP_THRESHOLD_=33554432 dask worker ...``. dask's nanny starts workers with
+#: ``MALLOC_TRIM_THRESHOLD_`` set, which makes glibc map and unmap every allocation above 128 kB
+#: afresh; a rollout of ``pangu_lite`` ran 3x slower in such a worker than in this process
+#: (measured on the project's machine). A fixed mmap threshold of 32 MiB (glibc's largest)
+#: restores the speed.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
 def weights_fingerprint(system) -> str:
@@ -45,8 +56,28 @@ def weights_fingerprint(system) -> str:
     return h.hexdigest()
 
 
-def _shown(value: str) -> str:
+def _shown(value) -> str:
+    value = str(value)
     return value if len(value) <= 40 else value[:37] + "..."
+
+
+def _differences(there: dict, here: dict, prefix: str = "") -> list:
+    """``[(key, value there, value here)]`` for the keys that differ; JSON objects are compared key by key."""
+    out = []
+    for key in dict.fromkeys([*here, *there]):
+        a, b = there.get(key), here.get(key)
+        if str(a) == str(b):
+            continue
+        try:
+            a_obj, b_obj = json.loads(a), json.loads(b)
+        except (TypeError, ValueError):
+            a_obj = b_obj = None
+        if isinstance(a_obj, dict) and isinstance(b_obj, dict):
+            out += _differences({k: json.dumps(v) for k, v in a_obj.items()},
+                                {k: json.dumps(v) for k, v in b_obj.items()}, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", a, b))
+    return out
 
 
 class SweepFile:
@@ -80,10 +111,9 @@ class SweepFile:
             if ds.attrs.get("format") != FORMAT:
                 raise ValueError(f"{self.path} is not a tqslite sweep file (format {ds.attrs.get('format')!r}, "
                                  f"expected {FORMAT!r}); give another checkpoint path.")
-            differ = [k for k in self.identity if str(ds.attrs.get(k)) != self.identity[k]]
+            differ = _differences({k: ds.attrs.get(k) for k in self.identity}, self.identity)
             if differ:
-                what = "; ".join(f"{k} is {_shown(str(ds.attrs.get(k)))} there, {_shown(self.identity[k])} here"
-                                 for k in differ)
+                what = "; ".join(f"{k} is {_shown(there)} there, {_shown(here)} here" for k, there, here in differ)
                 raise ValueError(f"{self.path} was written by another sweep ({what}). Resume only with the same model, "
                                  "initial states and settings; delete the file or give another checkpoint path to "
                                  "start afresh.")
@@ -150,6 +180,12 @@ def run_tasks(fn: Callable, shared: tuple, tasks: Sequence[tuple], executor=None
     if is_dask_client(executor):
         from distributed import as_completed
 
+        slow = slow_allocation_workers(executor)
+        if slow:
+            warnings.warn(f"{len(slow)} dask worker(s) run with MALLOC_TRIM_THRESHOLD_ set and no "
+                          "MALLOC_MMAP_THRESHOLD_: every large tensor is a fresh memory map there, and rollouts ran 3x "
+                          "slower in such workers. Start them with tqslite.sweep.WORKER_ENV "
+                          "(MALLOC_MMAP_THRESHOLD_=33554432).", stacklevel=3)
         token = uuid.uuid4().hex[:8]
         remote = executor.scatter(list(shared), broadcast=True, hash=False)
         futures = {executor.submit(fn, *remote, *task, key=f"{name}-{token}-{i}", pure=False): i
@@ -172,6 +208,15 @@ def run_tasks(fn: Callable, shared: tuple, tasks: Sequence[tuple], executor=None
             future.cancel()
 
 
+def _allocation_env():
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+
+
+def slow_allocation_workers(client) -> list[str]:
+    """Addresses of the dask workers whose allocator settings slow tensor code down (see :data:`WORKER_ENV`)."""
+    return [addr for addr, (trim, mmap) in client.run(_allocation_env).items() if trim is not None and mmap is None]
+
+
 def as_json(value) -> str:
     """A setting as a canonical JSON string (for :class:`SweepFile` identities)."""
     def default(v):
@@ -182,4 +227,5 @@ def as_json(value) -> str:
     return json.dumps(value, sort_keys=True, default=default)
 
 
-__all__ = ["FORMAT", "SweepFile", "as_json", "is_dask_client", "run_tasks", "weights_fingerprint"]
+__all__ = ["FORMAT", "WORKER_ENV", "SweepFile", "as_json", "is_dask_client", "run_tasks", "slow_allocation_workers",
+           "weights_fingerprint"]
