@@ -217,8 +217,17 @@ def test_step_memory_is_the_peak_of_live_tensors():
         y = y * 4
         return y
 
+    def growing(x):  # each intermediate twice the last, the one before it released
+        a = x * 2
+        b = torch.cat([a, a])
+        del a
+        c = torch.cat([b, b])
+        del b
+        return c * 1
+
     assert step_memory(lambda x: x * 2, x) == 4000
     assert step_memory(chain, x) == 8000
+    assert step_memory(growing, x) == 16000 + 16000  # c and c * 1 at the end; a and b were gone
     assert step_memory(lambda x: torch.cat([x * 2, x * 3]), x) == 4000 + 4000 + 8000
     assert step_memory(lambda x: (x * 2).view(10, 100).transpose(0, 1), x) == 4000  # views share a storage
 

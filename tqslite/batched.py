@@ -119,7 +119,7 @@ def vmapped_divergence(step: Callable, k: int, x0: torch.Tensor, ref: torch.Tens
         for t in range(horizon):
             try:
                 out = step(x)
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError:  # the caller splits the chunk
                 raise
             except Exception as e:  # noqa: BLE001 -- whatever vmap refuses, the one-unit path can run
                 raise NotBatchable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -152,13 +152,14 @@ def check_batchable(system, x: torch.Tensor, perturbed: Sequence[dict]) -> list[
             raise
         except Exception as e:  # noqa: BLE001
             raise NotBatchable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    slow, others = [], []
+    slow = set()
     for w in caught:
         match = _SLOW_OP.search(str(w.message))
-        (slow.append(match.group(1)) if match else others.append(w))
-    for w in others:  # not ours to swallow
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return sorted(set(slow))
+        if match:
+            slow.add(match.group(1))
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return sorted(slow)
 
 
 @contextlib.contextmanager
