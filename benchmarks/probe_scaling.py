@@ -135,12 +135,17 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--largest", default="768x25", help="DIMxDEPTH of the largest model (default 768x25: 118M)")
     ap.add_argument("--quick", action="store_true", help="the four smallest sizes only")
+    ap.add_argument("--sizes", default=None,
+                    help="comma-separated DIMxDEPTH sizes to run instead of the ladder, e.g. 768x25 (the largest "
+                         "alone: no exponents)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for probe_scaling.nc")
     args = ap.parse_args()
     dim, depth = (int(v) for v in args.largest.split("x"))
     sizes = SIZES[:-1] + [(dim, depth, max(1, dim // 64))]
     if args.quick:
         sizes = sizes[:4]
+    if args.sizes:
+        sizes = [(d, n, max(1, d // 64)) for d, n in (map(int, v.split("x")) for v in args.sizes.split(","))]
     rows = []
     print(f"timesfm_lite widened and deepened, random weights; probe: {args.windows} windows x {args.horizon} leads, "
           f"Gaussian, tensor units, chunk_units={args.chunk_units}, {args.threads} thread(s); each size in its own "
@@ -157,6 +162,14 @@ def main():
               f"{r['model_bytes'] / 2**20:>7.0f}MB{r['gptq_seconds']:>8.1f}{r['tqs_point']:>8.2f}s"
               f"{r['gptq_seconds']:>8.2f}s{r['tqs_point'] / r['gptq_seconds']:>7.2f}", flush=True)
 
+    big = max(rows, key=lambda r: r["params"])
+    largest = (f"\nlargest: {big['params'] / 1e6:.1f}M parameters, {big['units']} units, probed in "
+               f"{big['probe_seconds'] / 60:.1f} min ({args.windows} windows x {args.horizon} leads, chunk_units="
+               f"{args.chunk_units}, {args.threads} thread(s)); peak resident memory "
+               f"{big['peak_rss_probe'] / 2**30:.2f} GB (the model's weights: {big['model_bytes'] / 2**30:.2f} GB)")
+    if len(rows) < 3:  # too few sizes to fit exponents
+        print(largest)
+        return
     P = np.array([r["params"] for r in rows], float)
     U = np.array([r["units"] for r in rows], float)
     t_probe = np.array([r["probe_seconds"] for r in rows])
@@ -169,11 +182,7 @@ def main():
     print(f"  probe seconds ~ params^{a:.2f} x units^{b:.2f}   (one rollout per unit, each costing ~ params)")
     print(f"  plain rollout seconds ~ params^{p_plain:.2f};  GPTQ seconds ~ params^{p_gptq:.2f} (~ units^{p_gptq_u:.2f})")
     print(f"  TQS/GPTQ time per Pareto point ~ params^{p_point:.2f}")
-    big = max(rows, key=lambda r: r["params"])
-    print(f"\nlargest: {big['params'] / 1e6:.1f}M parameters, {big['units']} units, probed in "
-          f"{big['probe_seconds'] / 60:.1f} min ({args.windows} windows x {args.horizon} leads, chunk_units="
-          f"{args.chunk_units}, {args.threads} thread(s)); peak resident memory {big['peak_rss_probe'] / 2**30:.2f} GB "
-          f"(the model's weights: {big['model_bytes'] / 2**30:.2f} GB)")
+    print(largest)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,11 @@ import tqslite
 from tqslite import Gaussian, GPTQ, Int, QuantResidual, probe
 from tqslite.activations import probe_activations
 from tqslite.allocation import option_residuals
-from tqslite.batched import parse_bytes, plan_chunks, step_memory
+from tqslite.batched import batched_divergence, parse_bytes, plan_chunks, step_memory
 from tqslite.evaluation import compare_plans, forecast
 from tqslite.models import pangu_lite, timesfm_lite
 from tqslite.sweep import WORKER_ENV
+from tqslite.systems import swapped
 from tqslite.units import resolve_units
 
 probe_module = importlib.import_module("tqslite.probe")  # the module (tqslite.probe is the function)
@@ -117,6 +118,40 @@ def test_the_shipped_stand_ins_score_the_same_batched():
         gap = np.abs(batched["divergence"] - one["divergence"])
         assert (gap <= one["d_floor"]).all(), (name, float((gap / one["d_floor"]).max()))
         assert (one["divergence"] > 10 * one["d_floor"]).all()  # ... while the divergences themselves are far above
+
+
+class KeepsGaps(nn.Module):
+    """A step that masks missing values (NaN): they stay missing, the rest is updated from the valid ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8).double()
+
+    def forward(self, x):
+        gap = torch.isnan(x)
+        return torch.where(gap, x, torch.tanh(self.lin(torch.where(gap, torch.zeros_like(x), x))))
+
+
+def test_values_missing_from_the_reference_count_as_no_difference_batched_or_not():
+    # A system that masks missing values (accepts_missing) keeps NaN in its rollouts: the batched
+    # pass must score those entries as the one-unit probe does (no difference), not as +inf.
+    torch.manual_seed(0)
+    system = tqslite.TorchSystem(KeepsGaps())
+    x0 = states(4, (8,))
+    x0[:, :2] = float("nan")
+    x0[1, 5] = float("nan")
+    ref = tqslite.rollout(system, x0, 3)
+    units = resolve_units("tensor", system.parameter_names())
+    weights = [probe_module.gaussian_weights(system, u, Gaussian()) for u in units]
+    batched = batched_divergence(system, x0, ref, 2, weights)
+    for k, w in enumerate(weights):
+        with swapped(system, w):
+            run = tqslite.rollout(system, x0, 3)
+            alone = probe_module.rollout_divergence(system, x0, ref, 2)
+        expected = torch.nan_to_num(run - ref).pow(2).mean(-1).sqrt().T.numpy()  # RMS over all 8 elements
+        assert (expected > 0).all()
+        np.testing.assert_allclose(batched[k], expected, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(alone, expected, rtol=1e-12, atol=0)
 
 
 def test_the_activation_probe_draws_the_same_noise_batched():

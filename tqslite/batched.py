@@ -108,10 +108,15 @@ def vmapped_divergence(step: Callable, k: int, x0: torch.Tensor, ref: torch.Tens
     ``step`` maps states ``(k, b, *S)`` to the next states, or to ``(next states, aux)`` with
     ``aux`` a tensor ``(k, ...)`` (collected, one per window batch and step, in that order).
     Returns ``(divergence, aux)``: float64 ``(k, N, T)`` on the CPU, and the list of ``aux``.
+    Where ``ref`` is NaN (a missing value in the reference rollout of a system that masks missing
+    values), the copies count as not different, as in the one-unit probe; NaN anywhere else
+    makes that copy's divergence NaN.
     Any error of ``torch.vmap`` while mapping the step is raised as :class:`NotBatchable`.
     """
     horizon, n = ref.shape[0], x0.shape[0]
     div = torch.empty((horizon, k, n), dtype=torch.float64, device=ref.device)
+    missing = torch.isnan(ref)  # a value missing from the reference (a system that masks NaN): no difference
+    has_missing = bool(missing.any())
     aux = []
     for i in range(0, n, batch_size):
         x = x0[i:i + batch_size]
@@ -127,7 +132,10 @@ def vmapped_divergence(step: Callable, k: int, x0: torch.Tensor, ref: torch.Tens
                 out, extra = out
                 aux.append(extra)
             x = out
-            diff = (x - ref[t, i:i + batch_size]).flatten(2)
+            diff = x - ref[t, i:i + batch_size]
+            if has_missing:
+                diff = torch.where(missing[t, i:i + batch_size], torch.zeros_like(diff), diff)
+            diff = diff.flatten(2)
             div[t, :, i:i + batch_size] = torch.linalg.vector_norm(diff, dim=2, dtype=torch.float64) / math.sqrt(
                 diff.shape[2])
     return div.permute(1, 2, 0).cpu().numpy(), aux

@@ -402,7 +402,12 @@ def divergence_floor(ref: torch.Tensor) -> np.ndarray:
 
 def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int) -> np.ndarray:
     """RMS divergence ``(window, lead)`` of the system's rollout from ``ref``; once non-finite, ``+inf``."""
-    return nonfinite_stays(_rms(rollout(system, x0, ref.shape[0], batch_size) - ref))
+    diff = rollout(system, x0, ref.shape[0], batch_size) - ref
+    diff = torch.where(torch.isnan(ref), torch.zeros_like(diff), diff)  # missing in the reference: no difference
+    div = _rms(diff)
+    div = np.where(np.isnan(div), np.inf, div)
+    div[np.logical_or.accumulate(np.isinf(div), axis=1)] = np.inf
+    return div
 
 
 def nonfinite_stays(div: np.ndarray) -> np.ndarray:
