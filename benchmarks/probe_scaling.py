@@ -1,6 +1,6 @@
 """How the probe's cost grows with the model: from the 100k-parameter stand-in to a 100M+ one.
 
-Run:  .venv/bin/python benchmarks/probe_scaling.py [--windows 4] [--horizon 4] [--largest 768x25] [--out DIR]
+Run:  .venv/bin/python benchmarks/probe_scaling.py [--windows 4] [--horizon 4] [--largest 768x25] [--sizes 768x25] [--out DIR]
 
 The architecture is the ``timesfm_lite`` decoder-only patch transformer
 (:func:`tqslite.models.timesfm_lite.build`, a context of 64 values in 16 patches, causal
