@@ -35,10 +35,11 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
-## bench: print the performance ratios (not part of the tests)
+## bench: print the performance ratios (not part of the tests; probe_scaling.py takes about 20 minutes)
 bench: $(STAMP)
 	$(PY) benchmarks/probe_throughput.py
 	$(PY) benchmarks/deployment.py
+	$(PY) benchmarks/probe_scaling.py
 
 ## baselines: every method at matched size on the shipped models: win and cost tables (SMOKE=1: quick)
 baselines: $(STAMP)

@@ -1,21 +1,36 @@
-"""Probe throughput against plain inference, and the exact allocator's solve time.
+"""Probe throughput against plain inference, TQS's time per Pareto point against GPTQ's, a cluster.
 
-Run:  .venv/bin/python benchmarks/probe_throughput.py [--windows 64] [--horizon 20] [--out DIR]
+Run:  .venv/bin/python benchmarks/probe_throughput.py [--threads 1] [--quick] [--out DIR]
 
-1. For a small MLP and a small transformer, the TQS probe's throughput in model-steps per second
-   (one reference rollout plus one perturbed rollout per unit, every window, every lead) is
-   compared with plain batched inference of the same model at the same batch size, timed in the
-   same run. Perturbing and restoring weights should cost next to nothing: target ratio >= 0.8.
-2. The exact (HiGHS) and greedy multiple-choice knapsack on 1000 units x 7 options, with the
-   greedy's gap to the optimum.
+1. **Throughput.** For a small MLP, a small transformer and the three shipped stand-ins: the TQS
+   probe's throughput in model-steps per second (one reference rollout plus one perturbed
+   rollout per unit, every window, every lead) against plain batched inference of the same model
+   at the same batch (``units + 1`` rollouts of the same windows), timed in the same run, best of
+   ``--repeats`` interleaved rounds. The probe runs one unit at a time (``chunk_units=1``) and
+   with batched units (every unit in passes of at most 1 GB, :mod:`tqslite.batched`).
+2. **Time per Pareto point** on each stand-in, 10 budgets (2, 3, 4, 6 and 8 bits per channel and
+   per group of 32, as :mod:`tqslite.comparison`): TQS = one probe (the comparison's settings) +
+   one cost table per grid + 10 solves + 10 applications of the plan (RTN); GPTQ = 10 runs of
+   ``tqslite.GPTQ()`` (its defaults: act-order, static groups, blocks of 128) on the uniform
+   configuration of each budget, 32 calibration states. Also printed: the largest probe setting
+   (windows x leads per unit) at which TQS would cost half of GPTQ per point on this machine,
+   from the measured cost of one window-step.
+3. **A cluster**: the probe of ``pangu_lite`` on a local dask cluster of 2 worker processes (one
+   thread each, started with ``tqslite.sweep.WORKER_ENV``) through ``distributed.Client``, against
+   the serial probe with one thread.
+4. The exact (HiGHS) and greedy multiple-choice knapsack on 1000 units x 7 options.
 
-Everything printed is measured here, now; results also go to DIR/probe_throughput.nc.
+Everything printed is measured here, now, on this machine; results go to DIR/probe_throughput.nc.
+A shared machine skews the ratios: run it on an idle one.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +38,17 @@ import torch
 import xarray as xr
 from torch import nn
 
-import tqslite
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import tqslite  # noqa: E402
+from tqslite.comparison import BUDGETS, GROUP_SIZE  # noqa: E402
+from tqslite.config import PerChannel, PerGroup, int_options  # noqa: E402
+from tqslite.models import load  # noqa: E402
+from tqslite.sweep import WORKER_ENV  # noqa: E402
+from tqslite.train import calibration_states, probe_states  # noqa: E402
+
+STAND_INS = ("pangu_lite", "aurora_lite", "timesfm_lite")
 
 
 class TinyTransformer(nn.Module):
@@ -44,15 +69,7 @@ class TinyTransformer(nn.Module):
         return x + 0.1 * torch.tanh(self.out(h))
 
 
-def plain_rollouts(model, x0, horizon, repeats):
-    with torch.no_grad():
-        for _ in range(repeats):
-            x = x0
-            for _ in range(horizon):
-                x = model(x)
-
-
-def best_times(fns, repeat=5):
+def best_times(fns, repeat):
     """Best wall time of each function over ``repeat`` interleaved rounds (robust to passing load)."""
     best = [np.inf] * len(fns)
     for _ in range(repeat):
@@ -63,14 +80,105 @@ def best_times(fns, repeat=5):
     return best
 
 
-def throughput(name, model, x0, horizon):
-    model.eval()
-    n_units = len(list(model.parameters()))
+def throughput(name, system, x0, horizon, repeat):
+    """Model-steps per second: plain inference, the probe one unit at a time, and batched."""
+    system = tqslite.as_system(system)
+    n_units = len(system.parameter_names())
     steps = x0.shape[0] * horizon * (n_units + 1)
-    t_plain, t_probe = best_times([lambda: plain_rollouts(model, x0, horizon, n_units + 1),
-                                   lambda: tqslite.probe(model, x0, horizon=horizon, progress=False)])
-    return dict(model=name, units=n_units, params=sum(p.numel() for p in model.parameters()),
-                plain=steps / t_plain, probe=steps / t_probe, ratio=t_plain / t_probe)
+
+    def plain():
+        with system.evaluating():
+            for _ in range(n_units + 1):
+                tqslite.rollout(system, x0, horizon)
+
+    kw = dict(horizon=horizon, progress=False)
+    tqslite.probe(system, x0[:2], horizon=1, chunk_units=2, memory_budget="1GB", progress=False)  # warm-up
+    t_plain, t_one, t_batched = best_times([
+        plain,
+        lambda: tqslite.probe(system, x0, chunk_units=1, **kw),
+        lambda: tqslite.probe(system, x0, chunk_units=n_units, memory_budget="1GB", **kw)], repeat)
+    return dict(model=name, units=n_units, params=sum(system.get_parameter(p).numel() for p in
+                                                      system.parameter_names()),
+                windows=x0.shape[0], horizon=horizon, plain=steps / t_plain, one=steps / t_one,
+                batched=steps / t_batched)
+
+
+def probe_setting(name):
+    """The comparison's probe settings for a stand-in: (windows, horizon)."""
+    grid = tqslite.models.module_of(name).LAYOUT == "grid"
+    return (16, 12) if grid else (256, 8)
+
+
+def pareto_cost(name, repeat):
+    """Seconds of TQS (probe, tables, 10 solves, 10 applications) and of 10 GPTQ runs, one stand-in."""
+    system, _ = load(name)
+    windows, horizon = probe_setting(name)
+    x0 = torch.from_numpy(probe_states(name, "validation", windows, horizon).values)
+    calibration = calibration_states(name, 32)
+    scale = {"channel": PerChannel(), "group": PerGroup(GROUP_SIZE)}
+    options = {g: int_options((2, 3, 4, 5, 6, 8), scale[g]) for g in scale}
+
+    def tqs():
+        t = {}
+        t0 = time.perf_counter()
+        scores = tqslite.probe(system, x0, horizon=horizon, progress=False)
+        t["probe"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tables = {g: tqslite.cost_table(scores, system, options[g]) for g in scale}
+        t["tables"] = time.perf_counter() - t0
+        t["solves"] = t["applications"] = 0.0
+        for bits, grid in BUDGETS:
+            budget = tqslite.plan_size(tqslite.uniform_plan(system, tqslite.Int(bits, scale[grid])), system)
+            t0 = time.perf_counter()
+            plan = tqslite.allocate(tables[grid], budget_bits=budget.bits_per_param)
+            t["solves"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tqslite.apply_plan(system, plan)
+            t["applications"] += time.perf_counter() - t0
+        return t
+
+    def gptq():
+        t0 = time.perf_counter()
+        for bits, grid in BUDGETS:
+            tqslite.apply_plan(system, tqslite.uniform_plan(system, tqslite.Int(bits, scale[grid])), tqslite.GPTQ(),
+                               calibration)
+        return time.perf_counter() - t0
+
+    best_tqs, best_gptq = None, np.inf
+    for _ in range(repeat):
+        t = tqs()
+        if best_tqs is None or sum(t.values()) < sum(best_tqs.values()):
+            best_tqs = t
+        best_gptq = min(best_gptq, gptq())
+    n_units = len(system.parameter_names())
+    with system.evaluating():
+        t_step = min(best_times([lambda: tqslite.rollout(system, x0, horizon)], repeat)) / (windows * horizon)
+    fixed = best_tqs["tables"] + best_tqs["solves"] + best_tqs["applications"]
+    # TQS per point <= GPTQ per point / 2  <=>  (n_units + 1) * W * T * t_step + fixed <= best_gptq / 2
+    break_even = max(0.0, (best_gptq / 2 - fixed) / ((n_units + 1) * t_step))
+    return dict(model=name, windows=windows, horizon=horizon, **{f"tqs_{k}": v for k, v in best_tqs.items()},
+                tqs_point=sum(best_tqs.values()) / len(BUDGETS), gptq_point=best_gptq / len(BUDGETS),
+                window_steps_at_half=break_even)
+
+
+def cluster_speedup(repeat):
+    """Serial probe of pangu_lite (one thread) against a local dask cluster of 2 single-thread workers."""
+    import distributed
+
+    system, _ = load("pangu_lite")
+    windows, horizon = probe_setting("pangu_lite")
+    x0 = torch.from_numpy(probe_states("pangu_lite", "validation", windows, horizon).values)
+    kw = dict(horizon=horizon, progress=False, chunk_units=1)
+    serial = tqslite.probe(system, x0, **kw)
+    # timed before the cluster starts: its scheduler and client share this process
+    (t_serial,) = best_times([lambda: tqslite.probe(system, x0, **kw)], repeat)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=WORKER_ENV, silence_logs=logging.ERROR) as cluster, \
+            distributed.Client(cluster) as client:
+        tqslite.probe(system, x0[:1], horizon=1, executor=client, chunk_units=1, progress=False)  # workers import torch
+        (t_cluster,) = best_times([lambda: tqslite.probe(system, x0, executor=client, **kw)], repeat)
+        same = bool(tqslite.probe(system, x0, executor=client, **kw).identical(serial))
+    return t_serial, t_cluster, same
 
 
 def allocator_timing(units=1000, options=(2, 3, 4, 5, 6, 8, 16), seed=0):
@@ -92,37 +200,76 @@ def allocator_timing(units=1000, options=(2, 3, 4, 5, 6, 8, 16), seed=0):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--windows", type=int, default=64, help="initial states per batch (default 64)")
-    ap.add_argument("--horizon", type=int, default=20, help="rollout steps (default 20)")
+    ap.add_argument("--windows", type=int, default=64, help="windows of the MLP and the transformer (default 64)")
+    ap.add_argument("--horizon", type=int, default=20, help="their rollout steps (default 20)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds, best kept (default 3)")
+    ap.add_argument("--quick", action="store_true", help="one round, no stand-in throughput, no cluster")
     ap.add_argument("--out", default="benchmarks/results", help="folder for probe_throughput.nc")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="torch.vmap has no batching rule")  # the transformer's fused layer
+    repeat = 1 if args.quick else args.repeats
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-
     mlp = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 64))
     tr = TinyTransformer()
-    rows = [throughput("mlp", mlp, torch.randn(args.windows, 64, generator=g), args.horizon),
-            throughput("transformer", tr, torch.randn(args.windows, tr.tokens, 64, generator=g), args.horizon)]
+    cases = [("mlp", mlp, torch.randn(args.windows, 64, generator=g), args.horizon),
+             ("transformer", tr, torch.randn(args.windows, tr.tokens, 64, generator=g), args.horizon)]
+    if not args.quick:
+        for name in STAND_INS:
+            windows, horizon = probe_setting(name)
+            cases.append((name, load(name)[0], torch.from_numpy(probe_states(name, "validation", windows,
+                                                                              horizon).values), horizon))
+    rows = [throughput(name, model, x0, horizon, repeat) for name, model, x0, horizon in cases]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.windows} windows x {args.horizon} leads")
-    print(f"{'model':<12}{'units':>6}{'params':>9}{'plain steps/s':>15}{'probe steps/s':>15}{'probe/plain':>13}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), best of {repeat}")
+    print("\n1. probe throughput, model-steps per second (windows x leads x (units + 1)), same batch as plain")
+    print(f"{'model':<14}{'units':>6}{'params':>9}{'windows':>8}{'leads':>6}{'plain':>10}{'one unit':>10}"
+          f"{'batched':>10}{'one/plain':>11}{'batched/plain':>15}")
     for r in rows:
-        print(f"{r['model']:<12}{r['units']:>6}{r['params']:>9}{r['plain']:>15.0f}{r['probe']:>15.0f}{r['ratio']:>13.2f}")
+        print(f"{r['model']:<14}{r['units']:>6}{r['params']:>9}{r['windows']:>8}{r['horizon']:>6}{r['plain']:>10.0f}"
+              f"{r['one']:>10.0f}{r['batched']:>10.0f}{r['one'] / r['plain']:>11.2f}"
+              f"{r['batched'] / r['plain']:>15.2f}")
+
+    costs = [pareto_cost(name, repeat) for name in STAND_INS]
+    print("\n2. time per Pareto point, 10 budgets; TQS = probe + cost tables + 10 solves + 10 applications (RTN);")
+    print("   GPTQ = 10 runs of tqslite.GPTQ() (act-order, static groups, blocks of 128), 32 calibration states")
+    print(f"{'model':<14}{'probe':>9}{'tables':>8}{'solves':>8}{'apply':>8}{'TQS/pt':>9}{'GPTQ/pt':>9}"
+          f"{'TQS/GPTQ':>10}   probe setting    setting at 0.5x")
+    for c in costs:
+        print(f"{c['model']:<14}{c['tqs_probe']:>8.2f}s{c['tqs_tables']:>7.2f}s{c['tqs_solves']:>7.2f}s"
+              f"{c['tqs_applications']:>7.2f}s{c['tqs_point']:>8.3f}s{c['gptq_point']:>8.3f}s"
+              f"{c['tqs_point'] / c['gptq_point']:>10.2f}   {c['windows']:>3} x {c['horizon']:<2} leads"
+              f"   {c['window_steps_at_half']:>6.1f} window-steps")
+
+    cluster = None
+    if not args.quick:
+        t_serial, t_cluster, same = cluster_speedup(repeat)
+        cluster = (t_serial, t_cluster)
+        print(f"\n3. pangu_lite probe on a local dask cluster (2 workers x 1 thread) vs serial (1 thread): "
+              f"{t_serial:.1f} s / {t_cluster:.1f} s = {t_serial / t_cluster:.2f}x; scores identical: {same}")
 
     alloc = allocator_timing()
     (t_milp, c_milp), (t_greedy, c_greedy) = alloc["milp"], alloc["greedy"]
-    print("\nallocator, 1000 units x 7 options, budget 4 bits/param:")
+    print("\n4. allocator, 1000 units x 7 options, budget 4 bits/param:")
     print(f"  milp (exact)  {t_milp:8.3f} s   objective {c_milp:.6g}")
     print(f"  greedy        {t_greedy:8.3f} s   objective {c_greedy:.6g}   gap {100 * (c_greedy / c_milp - 1):.3f} %")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ds = xr.Dataset(
-        {k: ("model", [r[k] for r in rows]) for k in ("units", "params", "plain", "probe", "ratio")},
+        {k: ("model", [r[k] for r in rows]) for k in ("units", "params", "windows", "horizon", "plain", "one",
+                                                       "batched")},
         coords={"model": [r["model"] for r in rows]},
-        attrs=dict(windows=args.windows, horizon=args.horizon, milp_seconds=t_milp, greedy_seconds=t_greedy,
-                   greedy_gap=c_greedy / c_milp - 1, torch=torch.__version__),
+        attrs=dict(milp_seconds=t_milp, greedy_seconds=t_greedy, greedy_gap=c_greedy / c_milp - 1,
+                   torch=torch.__version__, threads=torch.get_num_threads()),
     )
+    pts = xr.Dataset({f"point_{k}": ("stand_in", [c[k] for c in costs]) for k in costs[0] if k != "model"},
+                     coords={"stand_in": [c["model"] for c in costs]})
+    ds = ds.merge(pts)
+    if cluster is not None:
+        ds.attrs.update(cluster_serial_seconds=cluster[0], cluster_seconds=cluster[1])
     ds.to_netcdf(out / "probe_throughput.nc")
     print(f"\nwritten {out / 'probe_throughput.nc'}")
 

@@ -10,6 +10,7 @@ from conftest import linear_system, same_weights, snapshot
 from torch import nn
 
 import tqslite
+import tqslite.sweep
 from tqslite import Gaussian, Int, MSEClip, QuantResidual, gamma_at, probe
 from tqslite.units import BlockUnits, TensorUnits, Unit
 
@@ -250,21 +251,25 @@ def test_bad_input_gets_clear_errors(mlp, x0):
 def test_parallel_executors_give_identical_scores(mlp, x0):
     from concurrent.futures import ThreadPoolExecutor
 
-    serial = probe(mlp, x0, horizon=6, progress=False)
+    serial = probe(mlp, x0, horizon=6, progress=False, chunk_units=2)
     before = snapshot(mlp)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        threaded = probe(mlp, x0, horizon=6, progress=False, executor=pool)
+        threaded = probe(mlp, x0, horizon=6, progress=False, executor=pool, chunk_units=2)
     xr.testing.assert_identical(threaded, serial)
     assert same_weights(mlp, before)
 
 
 def test_dask_local_cluster_gives_identical_scores(mlp, x0):
     distributed = pytest.importorskip("distributed")
-    serial = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    serial = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False, chunk_units=2)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=tqslite.sweep.WORKER_ENV) as cluster, \
             distributed.Client(cluster) as client:
         remote = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
-                       executor=client.get_executor())
+                       executor=client.get_executor(), chunk_units=2)
+        scattered = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
+                          executor=client, chunk_units=2)
+    xr.testing.assert_identical(scattered, serial)
     xr.testing.assert_identical(remote, serial)
 
 

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 
 from .data import lat_weights as data_lat_weights
-from .systems import as_system, rollout
+from .systems import as_system, device_of, rollout
 
 
 def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArray:
@@ -26,7 +26,7 @@ def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArr
     Parameters
     ----------
     model : nn.Module or system
-        The forecaster (a quantized copy or the float model).
+        The forecaster (a quantized copy or the float model), rolled out on its own device.
     x0 : DataArray or Tensor, shape ``(window, *S)``
         Initial states. A DataArray's dims and coords (e.g. ``variable``, ``lat``, ``lon``) are
         carried over to the forecast; a tensor gets dims ``window, dim_0, dim_1, ...``.
@@ -37,16 +37,16 @@ def forecast(model, x0, steps: int, batch_size: int | None = None) -> xr.DataArr
 
     Returns
     -------
-    DataArray, dims ``(window, lead, *state_dims)``, in the model's dtype.
+    DataArray, dims ``(window, lead, *state_dims)``, in the model's dtype (in host memory).
     """
     system = as_system(model)
     if not isinstance(x0, xr.DataArray):
-        values = np.asarray(x0)
+        values = x0.detach().cpu().numpy() if torch.is_tensor(x0) else np.asarray(x0)
         x0 = xr.DataArray(values, dims=("window", *[f"dim_{i}" for i in range(values.ndim - 1)]))
-    x = torch.as_tensor(x0.values).to(system.dtype)
+    x = torch.as_tensor(x0.values, device=device_of(system)).to(system.dtype)
     with system.evaluating():
         out = rollout(system, x, steps, batch_size)
-    da = xr.DataArray(out.transpose(0, 1).numpy(), dims=(x0.dims[0], "lead", *x0.dims[1:]), coords=x0.coords)
+    da = xr.DataArray(out.transpose(0, 1).cpu().numpy(), dims=(x0.dims[0], "lead", *x0.dims[1:]), coords=x0.coords)
     return da.assign_coords(lead=np.arange(1, steps + 1))
 
 

@@ -426,7 +426,7 @@ class GPTQ(Quantizer):
         for n in configs:
             check_finite(params[n], f"parameter {n!r}")
         device = params[next(iter(params))].device if params else torch.device("cpu")
-        batches = list(torch.as_tensor(calibration).to(device).split(self.batch_size))
+        batches = list(torch.as_tensor(calibration, device=device).split(self.batch_size))
         work = copy.deepcopy(module).eval()
         ref = copy.deepcopy(module).eval() if self.propagation else None
         out = QuantizedWeights(quantizer=repr(self))

@@ -35,6 +35,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -43,10 +45,13 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from .batched import (NotBatchable, batched_divergence, check_batchable, default_memory_budget, parse_bytes,
+                      plan_chunks, quiet_slow_ops, step_memory, supports_batching)
 from .config import Config, Int, as_config
 from .quantization import check_finite
 from .quantizers import RTN, Quantizer, as_quantizer
-from .systems import as_system, rollout, swapped
+from .sweep import SweepFile, as_json, is_dask_client, run_tasks, weights_fingerprint
+from .systems import as_system, device_of, rollout, swapped
 from .units import Unit, as_unit_spec, membership, resolve_units
 
 
@@ -120,7 +125,7 @@ def gaussian_weights(system, unit: Unit, noise: Gaussian) -> dict:
     for name in unit.params:
         w = system.get_parameter(name)
         rms = float(w.double().pow(2).mean().sqrt()) if w.numel() else 0.0
-        xi = torch.randn(tuple(w.shape), generator=gen, dtype=w.dtype).to(w.device)
+        xi = torch.randn(tuple(w.shape), generator=gen, dtype=w.dtype, device="cpu").to(w.device)
         out[name] = w + (noise.sigma_rel * rms) * xi
     return out
 
@@ -143,7 +148,7 @@ def as_states(x0, dtype, device=None, allow_missing: bool = False) -> torch.Tens
     """
     if isinstance(x0, xr.DataArray):
         x0 = x0.values
-    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0).to(dtype=dtype, device=device)
+    x0 = torch.as_tensor(np.asarray(x0) if not torch.is_tensor(x0) else x0, device=device).to(dtype=dtype)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must be a batch of initial states (N, *S) with N >= 1, got shape {tuple(x0.shape)}.")
     bad = torch.isinf(x0) if allow_missing else ~torch.isfinite(x0)
@@ -173,16 +178,20 @@ def probe(
     batch_size: int | None = None,
     executor=None,
     progress: bool = True,
+    chunk_units: int | None = None,
+    memory_budget=None,
+    checkpoint=None,
 ) -> xr.Dataset:
     """Score every unit of ``model`` by how fast its perturbation makes the rollout diverge.
 
     Parameters
     ----------
     model : nn.Module or system
-        Maps states ``(B, *S)`` to next states; see :mod:`tqslite.systems`. Its weights are
-        swapped during the sweep and restored bit for bit afterwards.
+        Maps states ``(B, *S)`` to next states; see :mod:`tqslite.systems`. It is read, on its
+        own device; where units are scored one at a time its weights are swapped and restored
+        bit for bit afterwards.
     x0 : Tensor, ndarray or DataArray, shape ``(N, *S)``
-        ``N`` initial states (dim ``window`` of the result).
+        ``N`` initial states (dim ``window`` of the result), moved to the model's device.
     horizon : int
         Rollout length ``T`` in steps (>= 1); the curve covers leads 1..T.
     perturbation : "gauss", "quant", Gaussian or QuantResidual
@@ -196,13 +205,35 @@ def probe(
         Also flag units with ``Lambda_u(T) <= dead_threshold`` as dead.
     batch_size : int, optional
         Windows per forward call (default: all ``N`` at once).
-    executor : concurrent.futures.Executor, optional
-        Score the units in parallel: any executor with ``submit`` (a process pool, or a dask
-        cluster's ``client.get_executor()``). Each task works on its own copy of the system;
-        the unperturbed rollout is computed once here and sent with every task. Scores are
-        identical to the serial run.
+    executor : concurrent.futures.Executor or distributed.Client, optional
+        Score chunks of units in parallel: any executor with ``submit`` (a process pool), or a
+        dask ``distributed.Client`` (for a cluster: ``Client("tcp://scheduler:8786")``), which
+        receives the model once per worker and re-runs the chunk of a worker that dies. The
+        unperturbed rollout is computed once here and sent along. Scores are identical to the
+        serial run with the same ``chunk_units``.
     progress : bool
         Show a tqdm progress bar over units.
+    chunk_units : int, optional
+        At most this many units per batched pass (:mod:`tqslite.batched`): their perturbed
+        copies run as one forward pass on a batch ``(K, batch_size, *S)``. Default: on a CUDA
+        device as many as ``memory_budget`` allows (with an executor, also few enough to give
+        every worker two chunks); on the CPU one unit at a time, where batched passes measured
+        no faster (``benchmarks/probe_throughput.py``). ``1`` scores one unit at a time, its
+        weights swapped in place. Scores depend on the chunks only through the order of
+        floating-point operations: they agree with the one-unit probe within float tolerance,
+        and bit for bit between runs with the same chunks. Systems without ``functional_step``
+        (ONNX graphs) and models ``torch.vmap`` cannot map (a single warning says why) are
+        scored one unit at a time.
+    memory_budget : int or str, optional
+        Bytes one batched pass may hold (its stacked weight copies plus activations), e.g.
+        ``"4GB"``; given on the CPU, it turns batching on. Default: half the free memory of a
+        CUDA device; 1 GiB on the CPU when ``chunk_units`` asks for batches.
+    checkpoint : path-like, optional
+        A netCDF file that receives every unit as it is finished (:class:`tqslite.sweep.SweepFile`).
+        If it exists, the sweep resumes from it: only the units it lacks are computed, and the
+        result is the uninterrupted run's (chunking may differ). A file written for another
+        model, other initial states or other settings is refused with a message naming what
+        differs.
 
     Returns
     -------
@@ -219,41 +250,128 @@ def probe(
     if isinstance(horizon, bool) or int(horizon) != horizon or horizon < 1:
         raise ValueError(f"horizon={horizon!r}: the rollout needs at least 1 step (an integer >= 1).")
     horizon = int(horizon)
+    if chunk_units is not None and (isinstance(chunk_units, bool) or not isinstance(chunk_units, int)
+                                    or chunk_units < 1):
+        raise ValueError(f"chunk_units={chunk_units!r}: give a positive number of units per pass (1: one at a time).")
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
     unit_list = resolve_units(units, system.parameter_names())
     for u in unit_list:
         for p in u.params:
             check_finite(system.get_parameter(p), f"parameter {p!r}")
-    x0 = as_states(x0, system.dtype, allow_missing=getattr(system, "accepts_missing", False))
+    x0 = as_states(x0, system.dtype, device_of(system), allow_missing=getattr(system, "accepts_missing", False))
     batch_size = batch_size or x0.shape[0]
+    spec = units if isinstance(units, (list, tuple)) else as_unit_spec(units)
+    attrs = dict(**perturbation.describe(), horizon=horizon, units=_describe_units(spec), n_windows=x0.shape[0],
+                 windows_sha256=fingerprint(x0), dtype=str(x0.dtype).removeprefix("torch."),
+                 dead_threshold="none" if dead_threshold is None else dead_threshold,
+                 system=type(getattr(system, "module", system)).__name__)
 
     with system.evaluating():
         ref = reference_rollout(system, x0, horizon, batch_size)  # computed once, reused for every unit
-        quantized = {}
-        if isinstance(perturbation, QuantResidual):  # the whole model quantized once
-            configs = {p: perturbation.config for u in unit_list for p in u.params}
-            quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
-        tasks = [_perturbed(system, u, perturbation, quantized) for u in unit_list]
-        bar = dict(desc=f"TQS probe ({perturbation.kind})", total=len(unit_list), disable=not progress)
-        if executor is None:
-            results = [score_unit(system, x0, ref, batch_size, w) for w in tqdm(tasks, **bar)]
-        else:
-            futures = [executor.submit(_score_unit_on_copy, system, x0, ref, batch_size, w) for w in tasks]
-            results = [f.result() for f in tqdm(futures, **bar)]
-        eps = np.array([e for e, _ in results])
-        div = np.stack([d for _, d in results])
-        unmeasured = eps == 0
-        if isinstance(perturbation, QuantResidual):  # not free: measure them with the Gaussian instead
-            for i in np.flatnonzero(unmeasured):
-                eps[i], div[i] = score_unit(system, x0, ref, batch_size,
-                                            gaussian_weights(system, unit_list[i], perturbation.fallback))
-    floor = divergence_floor(ref)
-    spec = units if isinstance(units, (list, tuple)) else as_unit_spec(units)
-    return assemble_scores(unit_list, system, eps, div, floor, unmeasured, dead_threshold, dict(
-        **perturbation.describe(), horizon=horizon, units=_describe_units(spec), n_windows=x0.shape[0],
-        windows_sha256=fingerprint(x0),
-        dtype=str(x0.dtype).removeprefix("torch."), dead_threshold="none" if dead_threshold is None else dead_threshold,
-        system=type(getattr(system, "module", system)).__name__,
-    ))
+        sweep = None if checkpoint is None else SweepFile(checkpoint, _identity(system, unit_list, attrs, perturbation,
+                                                                                 calibration))
+        done = {} if sweep is None or sweep.done is None else {
+            str(u): (float(sweep.done["eps"].sel(unit=u)), sweep.done["divergence"].sel(unit=u).values,
+                     bool(sweep.done["unmeasured"].sel(unit=u))) for u in sweep.done["unit"].values}
+        todo = [u for u in unit_list if u.label not in done]
+        bar = tqdm(desc=f"TQS probe ({perturbation.kind})", total=len(unit_list), initial=len(unit_list) - len(todo),
+                   disable=not progress)
+        try:
+            _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, todo, done, sweep, chunk_units,
+                   budget, executor, bar)
+        finally:
+            bar.close()
+    eps = np.array([done[u.label][0] for u in unit_list], dtype=np.float64)
+    div = np.stack([np.asarray(done[u.label][1], dtype=np.float64) for u in unit_list])
+    unmeasured = np.array([done[u.label][2] for u in unit_list], dtype=bool)
+    return assemble_scores(unit_list, system, eps, div, divergence_floor(ref), unmeasured, dead_threshold, attrs)
+
+
+def _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, todo, done, sweep, chunk_units, budget,
+           executor, bar) -> None:
+    """Score the units ``todo`` in chunks; put each unit's ``(eps, divergence, unmeasured)`` in ``done``
+    (and in the sweep file) as its chunk finishes."""
+    if not todo:
+        return
+    quantized = {}
+    if isinstance(perturbation, QuantResidual):  # the whole model quantized once
+        configs = {p: perturbation.config for u in unit_list for p in u.params}
+        quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
+    chunks, batched = _chunks(system, x0[:batch_size], todo, perturbation, quantized, chunk_units, budget, executor)
+    tasks = [([todo[i] for i in c], {p: quantized[p] for i in c for p in todo[i].params if p in quantized})
+             for c in chunks]
+    fell_back = []
+
+    def finished(j, out):
+        chunk = tasks[j][0]
+        for k, u in enumerate(chunk):
+            done[u.label] = (out["eps"][k], out["divergence"][k], out["unmeasured"][k])
+        if sweep is not None:
+            sweep.add(_finished_units(chunk, out))
+        if out["fell_back"]:
+            fell_back.append(out["fell_back"])
+        bar.update(len(chunk))
+
+    fn = score_units if executor is None else _score_units_on_copy
+    run_tasks(fn, (system, x0, ref, batch_size, perturbation, batched), tasks, executor, finished, name="tqslite-probe")
+    if fell_back:
+        warnings.warn(f"the batched probe fell back to one unit at a time in {len(fell_back)} of {len(tasks)} chunks: "
+                      f"torch.vmap could not map the model's step ({fell_back[0]}).", stacklevel=3)
+
+
+def _identity(system, units, attrs: dict, perturbation, calibration) -> dict:
+    """What a sweep file must share with this probe: model, states, and every setting that sets a unit's numbers."""
+    settings = {k: v for k, v in attrs.items() if k not in ("dead_threshold", "units")}
+    settings["units"] = [[u.label, list(u.params)] for u in units]
+    if isinstance(perturbation, QuantResidual) and calibration is not None:
+        settings["calibration_sha256"] = fingerprint(torch.as_tensor(calibration))
+    return dict(model_sha256=weights_fingerprint(system), windows_sha256=attrs["windows_sha256"],
+                settings=as_json(settings))
+
+
+def _finished_units(units, out: dict) -> xr.Dataset:
+    """The finished units of one chunk as a Dataset along ``unit`` (what a sweep file stores)."""
+    return xr.Dataset({"eps": ("unit", np.asarray(out["eps"], dtype=np.float64)),
+                       "divergence": (("unit", "window", "lead"), np.asarray(out["divergence"], dtype=np.float64)),
+                       "unmeasured": ("unit", np.asarray(out["unmeasured"], dtype=bool))},
+                      coords={"unit": [u.label for u in units]})
+
+
+def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units, budget, executor):
+    """``(chunks, batched)``: the units cut into chunks for batched passes, or one unit per chunk.
+
+    On the CPU the default is one unit at a time (batched passes measured no faster there); a
+    ``chunk_units`` above 1 or a ``memory_budget`` asks for batches anyway. One batched step on
+    ``x`` is tried first: a model ``torch.vmap`` cannot map gets one warning and single units.
+    """
+    singles = [[i] for i in range(len(units))]
+    on_cpu = x.device.type == "cpu"
+    if chunk_units == 1 or len(units) < 2 or not supports_batching(system) or (
+            on_cpu and chunk_units is None and budget is None):
+        return singles, False
+    try:
+        slow = check_batchable(system, x, [_perturbed(system, u, perturbation, quantized) for u in units[:2]])
+    except NotBatchable as e:
+        warnings.warn(f"{type(getattr(system, 'module', system)).__name__} cannot run batched under torch.vmap ({e}); "
+                      "the probe scores one unit at a time (same scores, without the batched speed-up). "
+                      "chunk_units=1 skips this attempt.", stacklevel=3)
+        return singles, False
+    if slow:
+        warnings.warn(f"torch.vmap has no batching rule for {', '.join(slow)}: those operators run once per unit "
+                      "inside each batched pass (exact, but slower).", stacklevel=3)
+    if budget is None:
+        budget = default_memory_budget(x.device)
+    if executor is not None and chunk_units is None:  # enough chunks to keep every worker busy
+        chunk_units = max(1, math.ceil(len(units) / (2 * _n_workers(executor))))
+    sizes = {p: system.get_parameter(p).nbytes for u in units for p in u.params}
+    activations = step_memory(system.step, x)
+    return plan_chunks([u.params for u in units], sizes, activations, budget, chunk_units), True
+
+
+def _n_workers(executor) -> int:
+    if is_dask_client(executor):
+        return max(1, len(executor.scheduler_info().get("workers", {})))
+    return os.cpu_count() or 1
 
 
 def _describe_units(spec) -> str:
@@ -305,6 +423,13 @@ def rollout_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: 
     return div
 
 
+def nonfinite_stays(div: np.ndarray) -> np.ndarray:
+    """Divergence ``(..., lead)`` with NaN as ``+inf``, and ``+inf`` at every lead after the first one."""
+    div = np.where(np.isnan(div), np.inf, div)
+    div[np.logical_or.accumulate(np.isinf(div), axis=-1)] = np.inf
+    return div
+
+
 def score_unit(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, perturbed: dict):
     """The probe's work for one unit: ``(eps_u, divergence (window, lead))``.
 
@@ -319,11 +444,72 @@ def score_unit(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, per
         return eps, rollout_divergence(system, x0, ref, batch_size)
 
 
-def _score_unit_on_copy(system, x0, ref, batch_size, perturbed):
-    """:func:`score_unit` on a private copy of the system, for executors (threads would share it)."""
+def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, perturbation, batched: bool,
+                units, quantized: dict) -> dict:
+    """The probe's work for a chunk of ``K`` units: their perturbed rollouts, in one batched pass if asked.
+
+    Each unit's weights are perturbed (for :class:`QuantResidual`, from ``quantized``, the
+    quantizer's weights of the chunk's tensors; a zero residual is replaced by the fallback
+    Gaussian noise). With ``batched`` the units with a non-zero perturbation run together
+    (:func:`tqslite.batched.batched_divergence`; a pass that does not fit the device's memory is
+    split in halves); otherwise, or if ``torch.vmap`` refuses the step, one at a time with their
+    weights swapped in place and restored.
+
+    Returns
+    -------
+    dict
+        ``eps`` ``(K,)``, ``divergence`` ``(K, window, lead)``, ``unmeasured`` ``(K,)`` (the
+        probe's own perturbation was zero) and ``fell_back`` (why the batched pass was not
+        possible, or None).
+    """
+    weights, eps, unmeasured = [], np.zeros(len(units)), np.zeros(len(units), dtype=bool)
+    for k, u in enumerate(units):
+        w = _perturbed(system, u, perturbation, quantized)
+        eps[k] = relative_size(system, w)
+        if eps[k] == 0:
+            unmeasured[k] = True
+            if isinstance(perturbation, QuantResidual):  # not free: measure it with the Gaussian instead
+                w = gaussian_weights(system, u, perturbation.fallback)
+                eps[k] = relative_size(system, w)
+        weights.append(w)
+    div = np.zeros((len(units), x0.shape[0], ref.shape[0]))
+    live = [k for k in range(len(units)) if eps[k] > 0]  # a zero perturbation needs no rollout
+    fell_back = None
+    if batched and len(live) > 1:
+        try:
+            div[live] = _batched(system, x0, ref, batch_size, [weights[k] for k in live])
+            live = []
+        except NotBatchable as e:
+            fell_back = str(e)
+    for k in live:
+        with swapped(system, weights[k]):
+            div[k] = rollout_divergence(system, x0, ref, batch_size)
+    return dict(eps=eps, divergence=div, unmeasured=unmeasured, fell_back=fell_back)
+
+
+def _batched(system, x0, ref, batch_size, weights: list) -> np.ndarray:
+    """:func:`tqslite.batched.batched_divergence`, split in halves while the device runs out of memory."""
+    if len(weights) == 1:
+        with swapped(system, weights[0]):
+            return rollout_divergence(system, x0, ref, batch_size)[None]
+    try:
+        with quiet_slow_ops():
+            return nonfinite_stays(batched_divergence(system, x0, ref, batch_size, weights))
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(weights) // 2
+        return np.concatenate([_batched(system, x0, ref, batch_size, weights[:half]),
+                               _batched(system, x0, ref, batch_size, weights[half:])])
+
+
+def _score_units_on_copy(system, x0, ref, *args):
+    """:func:`score_units` on private copies, for executors: tasks may share one object, and
+    tensors unpacked from a network buffer may be misaligned, which changes the rounding of
+    some CPU kernels (fresh copies make a worker's numbers this process's)."""
     system = copy.deepcopy(system)
     with system.evaluating():
-        return score_unit(system, x0, ref, batch_size, perturbed)
+        return score_units(system, x0.clone(), ref.clone(), *args)
 
 
 def curves_from_divergence(div: np.ndarray, eps: np.ndarray, floor: np.ndarray) -> np.ndarray:

@@ -15,6 +15,9 @@ and :mod:`tqslite.adapters` has the common shapes of real forecasters (a block f
 its own normalisation, masks and quantiles; a model with extra inputs per step; a plain
 function of named tensors). A system that sets ``accepts_missing = True`` takes states with
 missing values (NaN) and masks them itself; the probe then lets NaN through in initial states.
+A system that also has ``functional_step(params, x)`` -- one step with some parameters replaced
+by the tensors in ``params``, without touching the model -- can be run as many perturbed copies in
+one batched pass (:mod:`tqslite.batched`); :class:`TorchSystem` and :class:`WindowedSystem` have it.
 
 :func:`rollout` checks on the first step that a state maps to a state of the same shape and
 dtype, and says what was returned instead and which adapter fits.
@@ -26,6 +29,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 
 class TorchSystem:
@@ -55,6 +59,16 @@ class TorchSystem:
         with torch.no_grad():
             return self.module(x)
 
+    def functional_step(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """One step with the parameters in ``params`` (``{name: tensor}``) in place of the module's own.
+
+        The module is not modified (``torch.func.functional_call``); parameters not in ``params``
+        are the module's. This is what :func:`torch.vmap` maps over to run many perturbed copies
+        of the model at once.
+        """
+        with torch.no_grad():
+            return functional_call(self.module, params, (x,))
+
     def parameter_names(self) -> list[str]:
         """Names of the swappable parameters, in model order."""
         return list(self._params)
@@ -76,6 +90,11 @@ class TorchSystem:
     def dtype(self) -> torch.dtype:
         """The dtype rollouts run in (that of the first parameter)."""
         return next(iter(self._params.values())).dtype if self._params else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        """The device rollouts run on (that of the first parameter; the CPU for a module without any)."""
+        return next(iter(self._params.values())).device if self._params else torch.device("cpu")
 
     @contextlib.contextmanager
     def evaluating(self):
@@ -109,7 +128,16 @@ class WindowedSystem(TorchSystem):
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            out = self.module(x)
+            return self._append(x, self.module(x))
+
+    def functional_step(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` with the parameters in ``params`` in place of the module's own."""
+        with torch.no_grad():
+            return self._append(x, functional_call(self.module, params, (x,)))
+
+    @staticmethod
+    def _append(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The next window: ``x`` without its oldest ``m`` frames, then the ``m`` predicted ones."""
         if out.ndim == x.ndim - 1:
             out = out.unsqueeze(1)
         m = out.shape[1]
@@ -132,6 +160,15 @@ def as_system(model):
                         "steps out, with its own normalisation, masks or quantiles), tqslite.adapters.Forced "
                         "(extra inputs per step) or tqslite.adapters.FunctionSystem (a function step(params, state)).")
     return model
+
+
+def device_of(system) -> torch.device:
+    """The device a system computes on: its ``device`` attribute, else its first parameter's (else the CPU)."""
+    device = getattr(system, "device", None)
+    if device is not None:
+        return torch.device(device)
+    names = system.parameter_names()
+    return system.get_parameter(names[0]).device if names else torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -165,7 +202,7 @@ def rollout(system, x0: torch.Tensor, steps: int, batch_size: int | None = None)
                 check_step(x, x_next, system)
                 out = torch.empty((steps, len(x0), *x_next.shape[1:]), dtype=x_next.dtype, device=x_next.device)
             out[t, i:i + batch_size] = x = x_next
-    return out if out is not None else torch.empty((0, *x0.shape), dtype=x0.dtype)
+    return out if out is not None else torch.empty((0, *x0.shape), dtype=x0.dtype, device=x0.device)
 
 
 def check_step(x: torch.Tensor, x_next, system=None) -> None:
