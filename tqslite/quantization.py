@@ -107,8 +107,7 @@ def grid_params(rows: torch.Tensor, fmt: Int, shrink: torch.Tensor | float | Non
         hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
         if shrink is not None:
             lo, hi = lo * shrink, hi * shrink
-        scale = torch.where(hi > lo, fp16_ceil((hi - lo) / fmt.qmax), torch.ones_like(hi))
-        zero = torch.clamp(torch.round(-lo / scale), 0, fmt.qmax)
+        scale, zero = asymmetric_grid(lo, hi, fmt)
     if not torch.all(scale <= FP16_MAX):
         raise ValueError(f"weights up to {float(rows.abs().max()):.3g} need a scale beyond float16's range at "
                          f"{fmt.bits} bits.")
@@ -116,6 +115,22 @@ def grid_params(rows: torch.Tensor, fmt: Int, shrink: torch.Tensor | float | Non
         warnings.warn(f"some {fmt.bits}-bit scales fall below {_FP16_COARSE:.1e}, where float16 keeps too few "
                       "significant bits: the grid is coarser than intended. Keep such tiny weights at float16 or "
                       "float.", stacklevel=3)
+    return scale, zero
+
+
+def asymmetric_grid(lo: torch.Tensor, hi: torch.Tensor, fmt: Int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the asymmetric grid over ranges ``[lo, hi]`` (any two equal shapes).
+
+    The range is widened to contain 0; ``scale = (hi - lo) / fmt.qmax`` rounded up to a float16
+    number (1 for an empty range), in the dtype of ``lo``; ``zero = round(-lo / scale)`` in
+    ``[0, fmt.qmax]``, as floats. The weights' asymmetric rows (:func:`grid_params`) and the
+    activations' per-sample ranges (:mod:`tqslite.activations`) share it. The caller checks the
+    scale against ``FP16_MAX`` (its message says what overflowed).
+    """
+    lo = lo.clamp(max=0)
+    hi = hi.clamp(min=0)
+    scale = torch.where(hi > lo, fp16_ceil((hi - lo) / fmt.qmax).to(lo.dtype), torch.ones_like(hi))
+    zero = torch.clamp(torch.round(-lo / scale), 0, fmt.qmax)
     return scale, zero
 
 
