@@ -290,6 +290,6 @@ def storage_bits(shape, config=4, axis: int = 0, dtype=None) -> int:
     return as_config(config).storage_bits(tuple(shape), axis, dtype)
 
 
-__all__ = ["QuantizedTensor", "cast", "check_finite", "fake_quant", "fp16_ceil", "from_rows", "grid_params", "pack_bits",
+__all__ = ["QuantizedTensor", "asymmetric_grid", "cast", "check_finite", "fake_quant", "fp16_ceil", "from_rows", "grid_params", "pack_bits",
            "relative_error", "round_to_grid", "rtn_codes", "rtn_quantize", "sqnr_db", "storage_bits", "to_rows",
            "unpack_bits"]
