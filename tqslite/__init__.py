@@ -15,20 +15,28 @@ The pieces, one module per job:
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;
 * :mod:`tqslite.knapsack` -- the multiple-choice knapsack (exact and greedy);
 * :mod:`tqslite.allocation` -- cost tables priced with any quantizer, allocation, Pareto fronts;
+* :mod:`tqslite.bank` -- a quantizer's weights at every option, computed once for every plan;
+* :mod:`tqslite.refine` -- closed-loop refinement of a plan, judged by measured rollouts;
+* :mod:`tqslite.pipeline` -- the recommended TQS pipeline (:data:`~tqslite.pipeline.RECOMMENDED`);
 * :mod:`tqslite.plans` -- plans ``{unit: configuration}`` as JSON, their size, applying them;
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
 * :mod:`tqslite.baselines` -- GPTQ and the other sensitivity scores TQS is compared with;
-* :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables.
+* :mod:`tqslite.benchmark` -- a shipped model's probe states, evaluation windows and references;
+* :mod:`tqslite.skill` -- the skill-aware horizon rule;
+* :mod:`tqslite.wins` -- one definition of a win: paired bootstrap, Holm's adjustment;
+* :mod:`tqslite.comparison` -- methods as (score, objective, quantizer) at matched size.
 """
 
 from .activations import calibrate, probe_activations, quantized_activations
 from .allocation import allocate, cost_table, pareto, predicted_error
+from .bank import WeightBank
 from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .knapsack import InfeasibleBudget, solve_mckp
 from .plans import Plan, PlanSize, QuantizedModel, apply_plan, plan_size, quantize, uniform_plan
+from .pipeline import RECOMMENDED, Pipeline, recommended
 from .probe import Gaussian, QuantResidual, gamma_at, probe
 from .quantization import QuantizedTensor, relative_error, rtn_quantize, sqnr_db, storage_bits
 from .gptq import GPTQ
@@ -41,11 +49,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_OPTIONS", "BlockUnits", "Float16", "GPTQ", "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63",
-    "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual",
-    "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "TensorUnits", "TorchSystem", "Unit",
-    "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
+    "Lorenz96", "MSEClip", "PerChannel", "PerGroup", "PerTensor", "Pipeline", "Plan", "PlanSize", "QuantResidual",
+    "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RECOMMENDED", "RTN", "TensorUnits",
+    "TorchSystem", "Unit", "WeightBank", "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
     "calibrate", "cost_table", "finite_time_lyapunov", "gamma_at", "int_options", "jacobians", "lyapunov_spectrum",
     "make_units", "pareto", "plan_size", "predicted_error", "probe", "probe_activations", "quantize",
-    "quantized_activations", "relative_error", "rollout", "rtn_quantize", "solve_mckp", "spearman",
+    "quantized_activations", "recommended", "relative_error", "rollout", "rtn_quantize", "solve_mckp", "spearman",
     "spearman_agreement", "sqnr_db", "storage_bits", "trajectory", "uniform_plan",
 ]
