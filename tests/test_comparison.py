@@ -20,12 +20,13 @@ from tqslite.pipeline import run as run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = ((2, "channel"), (4, "channel"), (3, "group"))
-PIPELINE = replace(C.SMOKE_PIPELINE, generations=2)
+CLOSED = replace(C.SMOKE_CLOSED_LOOP, generations=2)
 
 
 def small_benchmark(seed=0):
-    """A tiny forecaster of an 8-variable state; the truth is the float rollout plus growing noise, so the
-    float model has skill up to a known lead against a constant climatology and persistence."""
+    """A tiny forecaster of an 8-variable state. The truth is the float rollout plus noise of RMS
+    0.05 * lead, and the climatology forecast errs by exactly 0.175 everywhere, so the float model
+    has skill up to lead 3 (0.15 < 0.175 < 0.20); persistence, a whole step off, never binds."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8)).double()
     g = torch.Generator().manual_seed(seed)
@@ -35,8 +36,8 @@ def small_benchmark(seed=0):
     def windows(x, horizon=5):
         x = xr.DataArray(x.numpy(), dims=("window", "variable"), coords={"variable": list("abcdefgh")})
         fc = forecast(model, x, horizon)
-        truth = fc + 0.02 * np.arange(1, horizon + 1)[None, :, None] * rng.normal(size=fc.shape)
-        clim = xr.zeros_like(truth) + 10.0                          # far worse: never the binding reference
+        truth = fc + 0.05 * np.arange(1, horizon + 1)[None, :, None] * rng.normal(size=fc.shape)
+        clim = truth + 0.175
         pers = xr.zeros_like(truth) + x.values[:, None]
         return x, truth, xr.concat([clim, pers], xr.DataArray(["climatology", "persistence"], dims="forecast"))
 
@@ -48,16 +49,17 @@ def small_benchmark(seed=0):
 
 
 METHODS = (C.uniform("rtn"), C.uniform("gptq"), C.Method("tqs", "rtn"), C.Method("tqs", "gptq", priced_by="rtn"),
-           C.Method("tqs_quant", "gptq"), C.Method("one_step", "gptq"), C.Method("hessian", "gptq"),
-           C.Method("range", "qep"), C.Method("random", "gptq"), replace(C.recommended_method(), refine="operating_point"),
-           C.recommended_method(), C.Method("none", "gptq", calibration="rollout"))
+           C.Method("tqs_quant", "rtn"), C.Method("one_step", "gptq"), C.Method("hessian", "gptq"),
+           C.Method("range", "qep"), C.Method("random", "gptq"), C.recommended_method(),
+           replace(C.recommended_method(), refine="operating_point"), replace(C.recommended_method(), refine="closed_loop"),
+           C.Method("none", "gptq", calibration="rollout"))
 
 
 @pytest.fixture(scope="module")
 def compared():
     bench = small_benchmark()
     before = snapshot(bench.system.module)
-    result = C.run(bench, METHODS, BUDGETS, pipeline=PIPELINE, group_size=16, n_hutchinson=2, n_boot=50)
+    result = C.run(bench, METHODS, BUDGETS, closed_loop=CLOSED, group_size=16, n_hutchinson=2, n_boot=50)
     return bench, before, result
 
 
@@ -77,7 +79,7 @@ def test_the_evaluation_lead_is_the_skill_horizon_of_the_evaluation_windows(comp
     L = float_skill(bench, "eval").attrs["horizon"]
     assert result.attrs["eval_lead"] == L == result.sizes["lead"]
     assert result.attrs["probe_horizon"] == float_skill(bench, "probe").attrs["horizon"]
-    assert 1 <= L < 5   # the truth's noise grows past the persistence error within the 5 leads
+    assert L == 3       # known: the model's 0.05 * lead crosses the climatology's 0.175 after lead 3
 
 
 def test_errors_are_those_of_the_quantized_rollouts(compared):
@@ -99,7 +101,7 @@ def test_the_same_plan_and_quantizer_give_the_same_model_and_an_exact_tie(compar
     _, _, result = compared
     # at 2 bits every knapsack plan is uniform (the options start at 2 bits): identical models
     mse = result["mse"].sel(budget="2b/channel")
-    for m in ("tqs_quant+gptq", "one_step+gptq", "hessian+gptq", "random+gptq", "recommended"):
+    for m in ("recommended", "one_step+gptq", "hessian+gptq", "random+gptq", "recommended+closed_loop"):
         assert np.array_equal(mse.sel(scheme=m), mse.sel(scheme="none+gptq")), m
     table = C.head_to_head(result, [("recommended", "none+gptq")], budgets=["2b/channel"], n_resamples=99)
     cell = table.sel(pair="recommended vs none+gptq")
@@ -107,21 +109,24 @@ def test_the_same_plan_and_quantizer_give_the_same_model_and_an_exact_tie(compar
     assert set(cell["outcome"].values.ravel()) <= {"tie", "unusable"}
 
 
-def test_the_recommended_method_is_the_library_pipeline(compared):
+@pytest.mark.parametrize("label", ["recommended", "recommended+closed_loop"])
+def test_the_recommended_method_is_the_library_pipeline(compared, label):
     bench, _, result = compared
     from tqslite.bank import WeightBank
+    from tqslite.pipeline import RECOMMENDED
+    pipeline = RECOMMENDED if label == "recommended" else CLOSED
     T = result.attrs["probe_horizon"]
-    options = PIPELINE.options(tqslite.PerGroup(16))
+    options = pipeline.options(tqslite.PerGroup(16))
     bank = WeightBank.build(bench.system, options, tqslite.GPTQ(), bench.calibration)
     budget = float(result["budget_bits_per_param"].sel(budget="3b/group"))
-    res = run_pipeline(PIPELINE, bench.system, bench.x_probe, budget, T, granularity=tqslite.PerGroup(16), bank=bank)
+    res = run_pipeline(pipeline, bench.system, bench.x_probe, budget, T, granularity=tqslite.PerGroup(16), bank=bank)
     fc = forecast(res.model, bench.x_eval, result.attrs["eval_lead"])
     ref = forecast(bench.system, bench.x_eval, result.attrs["eval_lead"])
-    got = result["mse"].sel(scheme="recommended", budget="3b/group", against="float").values
+    got = result["mse"].sel(scheme=label, budget="3b/group", against="float").values
     np.testing.assert_allclose(got, ((fc - ref) ** 2).transpose("window", "lead", "variable").values, rtol=1e-12)
-    # the closed loop never made the probe-state fitness worse, and its cost is recorded
-    f0, f1 = result["start_fitness"].sel(scheme="recommended"), result["fitness"].sel(scheme="recommended")
-    assert (f1 <= f0).all() and (result["refine_rollouts"].sel(scheme="recommended") > 0).all()
+    if label != "recommended":  # the closed loop never made the probe-state fitness worse; its cost is recorded
+        f0, f1 = result["start_fitness"].sel(scheme=label), result["fitness"].sel(scheme=label)
+        assert (f1 <= f0).all() and (result["refine_rollouts"].sel(scheme=label) > 0).all()
 
 
 def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
@@ -129,6 +134,7 @@ def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
     pairs = C.allocation_gain_pairs(result) + C.headline_pairs(result) + C.quantizer_gain_pairs(result)
     assert ("tqs+rtn", "none+rtn") in pairs and ("none+gptq", "none+rtn") in pairs
     assert ("recommended", "none+gptq") in pairs and ("none+gptq@rollout", "none+gptq") in pairs
+    assert ("recommended+closed_loop", "recommended") in pairs
     table = C.head_to_head(result, pairs, n_resamples=99)
     ok = C.usable_cells(result)
     for p, a, b in zip(table["pair"].values, table["a"].values, table["b"].values):
@@ -142,7 +148,9 @@ def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
 
 
 def test_method_labels_and_checks():
-    assert C.recommended_method().label == "recommended"
+    assert C.recommended_method().label == "recommended" == C.Method("tqs_quant", "gptq").label
+    assert replace(C.recommended_method(), refine="closed_loop").label == "recommended+closed_loop"
+    assert C.recommended_method("rollout").label == "recommended@rollout"
     assert C.Method("tqs", "gptq", "linear").label == "tqs/linear+gptq"
     assert C.Method("tqs", "gptq", priced_by="rtn").label == "tqs+gptq(rtn plan)"
     assert C.Method("none", "gptq", calibration="rollout").label == "none+gptq@rollout"

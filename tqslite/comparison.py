@@ -10,9 +10,12 @@ and the *quantizer* that prices the options and makes the weights -- written :cl
   propagation, ``alpha = 1``); ``priced_by`` prices the plan with another quantizer than the one
   applied (the quantizer gain at a fixed allocation); ``calibration="rollout"`` calibrates
   GPTQ on the float model's rollout of the probe states instead of training states;
-* ``refine``: ``"closed_loop"`` is the library's recommended pipeline
-  (:data:`tqslite.pipeline.RECOMMENDED`, run by :func:`tqslite.pipeline.run`), and
-  ``"operating_point"`` its plan after the operating-point step alone.
+* ``refine``: ``"closed_loop"`` refines the knapsack plan as :data:`tqslite.pipeline.CLOSED_LOOP`
+  does (:func:`tqslite.pipeline.run`: the operating-point re-solve, then the search), and
+  ``"operating_point"`` is its plan after the operating-point step alone.
+
+The library's default pipeline (:data:`tqslite.pipeline.RECOMMENDED`) is the method
+``tqs_quant+gptq``, labelled ``recommended``.
 
 :func:`run` compares a list of methods on one :class:`~tqslite.benchmark.Benchmark` at each
 budget (:data:`BUDGETS`: the stored size of uniform RTN at 2, 3, 4, 6 and 8 bits with one scale
@@ -52,7 +55,7 @@ from .benchmark import Benchmark, benchmark, float_skill, window_mse
 from .config import Int, PerChannel, PerGroup, int_options
 from .evaluation import forecast
 from .gptq import GPTQ
-from .pipeline import RECOMMENDED, Pipeline, rollout_calibration
+from .pipeline import CLOSED_LOOP, RECOMMENDED, Pipeline, rollout_calibration
 from .pipeline import run as run_pipeline
 from .plans import plan_size, uniform_plan
 from .probe import Gaussian, QuantResidual, probe
@@ -94,8 +97,8 @@ class Method:
         The quantizer whose residuals priced the options (and, for ``tqs_quant``, whose
         residual the probe used); default: ``quantizer``.
     refine : str
-        ``"none"``, ``"closed_loop"`` (the recommended pipeline, :data:`tqslite.pipeline.RECOMMENDED`)
-        or ``"operating_point"`` (its plan after the operating-point step only).
+        ``"none"``, ``"closed_loop"`` (:data:`tqslite.pipeline.CLOSED_LOOP`'s refinement of the
+        knapsack plan) or ``"operating_point"`` (its plan after the operating-point step only).
     calibration : str
         ``"data"`` (training states) or ``"rollout"`` (the float rollout of the probe states)
         for a calibration-based quantizer.
@@ -128,22 +131,30 @@ class Method:
 
     @property
     def label(self) -> str:
-        """``score[/objective]+quantizer[(plan priced by ...)][+refinement][@rollout]``; ``recommended`` for the default."""
-        if self.refine == "closed_loop" and self == recommended_method(self.calibration):
-            return "recommended" + ("@rollout" if self.calibration == "rollout" else "")
-        text = self.score + ("" if self.objective == "quadratic" or self.score == "none" else f"/{self.objective}")
-        text += f"+{self.quantizer}"
-        if self.priced_by and self.priced_by != self.quantizer:
-            text += f"({self.priced_by} plan)"
+        """``score[/objective]+quantizer[(plan priced by ...)][+refinement][@rollout]``.
+
+        The library's default pipeline is ``recommended`` (``recommended+closed_loop``,
+        ``recommended@rollout`` for its variants).
+        """
+        if replace(self, refine="none", calibration="data") == recommended_method():
+            text = "recommended"
+        else:
+            text = self.score + ("" if self.objective == "quadratic" or self.score == "none" else f"/{self.objective}")
+            text += f"+{self.quantizer}"
+            if self.priced_by and self.priced_by != self.quantizer:
+                text += f"({self.priced_by} plan)"
         if self.refine != "none":
             text += f"+{self.refine}"
         return text + ("@rollout" if self.calibration == "rollout" else "")
 
 
 def recommended_method(calibration: str = "data", pipeline: Pipeline = RECOMMENDED) -> Method:
-    """The recommended pipeline as a :class:`Method` (its score, objective, GPTQ, closed loop)."""
+    """The recommended pipeline as a :class:`Method`: its score, objective and GPTQ, refined if it refines."""
+    if not isinstance(pipeline.quantizer, GPTQ) or pipeline.quantizer != QUANTIZERS["gptq"]:
+        raise ValueError(f"the comparison knows GPTQ with its defaults, not {pipeline.quantizer!r}.")
     score = "tqs_quant" if pipeline.perturbation == "quant" else "tqs"
-    return Method(score, "gptq", pipeline.objective, refine="closed_loop", calibration=calibration)
+    return Method(score, "gptq", pipeline.objective, refine="closed_loop" if pipeline.refine else "none",
+                  calibration=calibration)
 
 
 def uniform(quantizer: str = "gptq") -> Method:
@@ -159,18 +170,24 @@ def complete_methods() -> tuple:
     out += [Method("tqs", q, "linear") for q in ("rtn", "gptq")]
     out += [Method(s, "gptq", priced_by="rtn") for s in SCORES if s != "none"]
     rec = recommended_method()
-    out += [rec, replace(rec, refine="operating_point"), Method("none", "gptq", calibration="rollout"),
-            recommended_method("rollout")]
+    out += [rec, replace(rec, refine="operating_point"), replace(rec, refine="closed_loop"),
+            Method("none", "gptq", calibration="rollout"), recommended_method("rollout")]
     return tuple(dict.fromkeys(out))
 
 
 def book_methods() -> tuple:
-    """The notebooks' smaller set: uniform RTN and GPTQ, TQS (both probes), one-step and Hessian
-    under GPTQ, TQS under RTN and RTN's TQS plan under GPTQ, and the recommended pipeline."""
-    rec = recommended_method()
+    """Notebook 10's set: uniform RTN and GPTQ, TQS under RTN and RTN's TQS plan under GPTQ, TQS with
+    Gaussian noise, one-step and Hessian scores under GPTQ, and the recommended pipeline."""
     return (uniform("rtn"), uniform("gptq"), Method("tqs", "rtn"), Method("tqs", "gptq", priced_by="rtn"),
-            Method("tqs", "gptq"), Method("tqs_quant", "gptq"), Method("one_step", "gptq"), Method("hessian", "gptq"),
-            replace(rec, refine="operating_point"), rec)
+            Method("tqs", "gptq"), Method("one_step", "gptq"), Method("hessian", "gptq"), recommended_method())
+
+
+def closed_loop_methods() -> tuple:
+    """Notebook 11's set: the recommended pipeline, its operating-point step and closed loop, and GPTQ
+    calibrated on the model's own rollout (uniform and recommended) against on data."""
+    rec = recommended_method()
+    return (uniform("gptq"), rec, replace(rec, refine="operating_point"), replace(rec, refine="closed_loop"),
+            Method("none", "gptq", calibration="rollout"), recommended_method("rollout"))
 
 
 def smoke_settings(name: str) -> dict:
@@ -185,8 +202,8 @@ def smoke_settings(name: str) -> dict:
     return quick
 
 
-#: The pipeline of a SMOKE run: the recommended recipe with a short closed loop.
-SMOKE_PIPELINE = replace(RECOMMENDED, generations=2, offspring=4, survivors=1, operating_point_levels=1)
+#: The closed loop of a SMOKE run: :data:`tqslite.pipeline.CLOSED_LOOP`, short.
+SMOKE_CLOSED_LOOP = replace(CLOSED_LOOP, generations=2, offspring=4, survivors=1, operating_point_levels=1)
 #: The budgets of a SMOKE run.
 SMOKE_BUDGETS = ((3, "channel"), (4, "group"))
 
@@ -208,9 +225,9 @@ def _timed(fn, *args, **kwargs):
 class _Grid:
     """Shared work of one :func:`run`: score sets, banks, cost tables and plans, each made once."""
 
-    def __init__(self, bench: Benchmark, probe_horizon: int, pipeline: Pipeline, group_size: int, n_hutchinson: int,
+    def __init__(self, bench: Benchmark, probe_horizon: int, closed_loop: Pipeline, group_size: int, n_hutchinson: int,
                  seed: int, progress: bool):
-        self.bench, self.T, self.pipeline = bench, probe_horizon, pipeline
+        self.bench, self.T, self.closed_loop = bench, probe_horizon, closed_loop
         self.system = bench.system
         self.scale = {"channel": PerChannel(), "group": PerGroup(group_size)}
         self.n_hutchinson, self.seed, self.progress = n_hutchinson, seed, progress
@@ -285,7 +302,7 @@ class _Grid:
                 self.plans[key] = self._time("solve", allocate, self.table(method, grid), budget_bits=budget_bits)
             else:
                 bank = self.bank(method.pricing, method.calibration, grid)
-                res = self._time("closed loop", run_pipeline, self.pipeline, self.system, self.bench.x_probe,
+                res = self._time("closed loop", run_pipeline, self.closed_loop, self.system, self.bench.x_probe,
                                  budget_bits, self.T, granularity=self.scale[grid], bank=bank,
                                  scores=self.score(method, grid))
                 self.plans[key] = res.plan
@@ -296,7 +313,7 @@ class _Grid:
         return self.plans[key]
 
 
-def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, pipeline: Pipeline = RECOMMENDED,
+def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipeline = CLOSED_LOOP,
         group_size: int = GROUP_SIZE, n_hutchinson: int = 16, n_boot: int = 1000, seed: int = 0,
         progress: bool = False) -> xr.Dataset:
     """Every method at every budget on one benchmark: plans, sizes, rollout errors and costs.
@@ -308,8 +325,9 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, pipeline: Pipeline =
         Default :func:`complete_methods`.
     budgets : sequence of (bits, grid)
         Uniform RTN settings that fix each size (``grid`` ``"channel"`` or ``"group"``).
-    pipeline : Pipeline
-        The recipe of ``refine="closed_loop"`` methods (:data:`tqslite.pipeline.RECOMMENDED`).
+    closed_loop : Pipeline
+        The refinement settings of ``refine="closed_loop"`` and ``"operating_point"`` methods
+        (:data:`tqslite.pipeline.CLOSED_LOOP`).
     n_hutchinson : int
         Rademacher vectors per training batch of the Hessian scores.
     n_boot : int
@@ -339,7 +357,9 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, pipeline: Pipeline =
     eval_skill, probe_skill = float_skill(bench, "eval"), float_skill(bench, "probe")
     L, T = eval_skill.attrs["horizon"], probe_skill.attrs["horizon"]
     lead, probe_T = max(L, 1), max(T, 1)  # no skill at all: still measured at lead 1, and flagged by the skill rule
-    grid = _Grid(bench, probe_T, pipeline, group_size, n_hutchinson, seed, progress)
+    if not closed_loop.refine:
+        raise ValueError("closed_loop must be a pipeline that refines (refine=True), e.g. tqslite.pipeline.CLOSED_LOOP.")
+    grid = _Grid(bench, probe_T, closed_loop, group_size, n_hutchinson, seed, progress)
     system = bench.system
     x_eval, truth = bench.x_eval, bench.view(bench.truth.sel(lead=slice(1, lead)))
     t0 = time.perf_counter()
@@ -388,11 +408,11 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, pipeline: Pipeline =
             bar.update()
     bar.close()
     return _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds,
-                     n_boot, seed, L, T, group_size, n_hutchinson, pipeline)
+                     n_boot, seed, L, T, group_size, n_hutchinson, closed_loop)
 
 
 def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds, n_boot,
-              seed, L, T, group_size, n_hutchinson, pipeline) -> xr.Dataset:
+              seed, L, T, group_size, n_hutchinson, closed_loop) -> xr.Dataset:
     labels = [m.label for m in methods]
     blabels = [_budget_label(b, g) for b, g in budgets]
     dims = ("scheme", "budget")
@@ -436,7 +456,8 @@ def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, 
     ds.attrs = dict(model=bench.name, per=bench.per, eval_lead=int(L), probe_horizon=int(T),
                     n_probe=int(len(bench.x_probe)), n_eval=int(bench.x_eval.sizes["window"]),
                     n_calibration=int(len(bench.calibration)), group_size=group_size, bits=list(BITS),
-                    probe_bits=PROBE_BITS, n_hutchinson=n_hutchinson, seed=seed, pipeline=repr(pipeline),
+                    probe_bits=PROBE_BITS, n_hutchinson=n_hutchinson, seed=seed, recommended=repr(RECOMMENDED),
+                    closed_loop=repr(closed_loop),
                     torch_threads=torch.get_num_threads(),
                     note="measurements on a tqslite stand-in model, not the paper's numbers")
     return ds
@@ -448,7 +469,7 @@ def run_named(name: str, methods=None, budgets=BUDGETS, smoke: bool = False, see
     torch.set_num_threads(1)
     bench = benchmark(name, seed=seed, **(smoke_settings(name) if smoke else {}))
     if smoke:
-        kwargs = dict(pipeline=SMOKE_PIPELINE, n_hutchinson=2, n_boot=100) | kwargs
+        kwargs = dict(closed_loop=SMOKE_CLOSED_LOOP, n_hutchinson=2, n_boot=100) | kwargs
     t0 = time.perf_counter()
     out = run(bench, methods, budgets, seed=seed, progress=progress, **kwargs)
     out.attrs["wall_seconds"] = time.perf_counter() - t0
@@ -563,12 +584,12 @@ def score_pairs(result: xr.Dataset) -> list:
 
 
 def headline_pairs(result: xr.Dataset) -> list:
-    """The recommended pipeline against uniform GPTQ, against its own open-loop plan, and calibrated on its
-    own rollout against on data (those present)."""
+    """The recommended pipeline against uniform GPTQ (the headline); its closed loop and operating-point
+    step against it; GPTQ calibrated on the model's own rollout against on data (those present)."""
     have = set(result["scheme"].values.tolist())
     rec = recommended_method()
-    out = [(rec.label, uniform("gptq").label), (rec.label, replace(rec, refine="none").label),
-           (replace(rec, refine="operating_point").label, replace(rec, refine="none").label),
+    out = [(rec.label, uniform("gptq").label), (replace(rec, refine="closed_loop").label, rec.label),
+           (replace(rec, refine="operating_point").label, rec.label),
            (recommended_method("rollout").label, rec.label),
            (Method("none", "gptq", calibration="rollout").label, uniform("gptq").label)]
     return [p for p in out if p[0] in have and p[1] in have]
@@ -619,7 +640,8 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
 
 
 __all__ = ["BITS", "BUDGETS", "GROUP_SIZE", "MATCH_TOLERANCE", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
-           "SMOKE_BUDGETS", "SMOKE_PIPELINE", "allocation_gain_pairs", "book_methods", "cell_mse", "complete_methods",
+           "SMOKE_BUDGETS", "SMOKE_CLOSED_LOOP", "allocation_gain_pairs", "book_methods", "cell_mse",
+           "closed_loop_methods", "complete_methods",
            "float_rmse", "head_to_head", "headline_pairs", "quantizer_gain_pairs", "ranking_stability",
            "recommended_method", "rmse_table", "run", "run_models", "run_named", "score_pairs", "smoke_settings",
            "summarize", "uniform", "usable_cells"]
