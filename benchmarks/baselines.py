@@ -76,23 +76,24 @@ def count_line(table: xr.Dataset) -> str:
 
 
 def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
-    name, per = result.attrs["model"], result.attrs["per"]
+    name, tdim = result.attrs["model"], C.target_dim(result)
+    per = {"variable": "variable", "station": "station"}.get(tdim, "target")
     L, T = result.attrs["eval_lead"], result.attrs["probe_horizon"]
     print(f"\n=== {name}: {result.attrs['n_eval']} held-out windows, {result.attrs['n_probe']} probe states ===")
     sk = result["eval_skill"]
     print(f"skill rule: the float model beats climatology and persistence up to lead {L} on the evaluation windows "
           f"(lead {L}: model {float(sk.sel(forecast='model', skill_lead=max(L, 1))):.3f}, climatology "
           f"{float(sk.sel(forecast='climatology', skill_lead=max(L, 1))):.3f}, persistence "
-          f"{float(sk.sel(forecast='persistence', skill_lead=max(L, 1))):.3f}, mean RMSE over {per}s); "
+          f"{float(sk.sel(forecast='persistence', skill_lead=max(L, 1))):.3f}, mean RMSE over the {per}s); "
           f"on the probe states up to lead {T} (the probe horizon)")
     short = result["size_shortfall"].where(result["score"] != "none")
     print(f"size match: every mixed plan within {100 * float(short.max()):.3f}% below its budget "
           f"(tolerance {100 * C.MATCH_TOLERANCE:.0f}%), never above")
-    rmse = C.rmse_table(result).mean(result["mse"].dims[-1] if per == "variable" else per).to_pandas()
+    rmse = C.rmse_table(result).mean(tdim).to_pandas()
     ok = C.usable_cells(result).all([d for d in C.usable_cells(result).dims if d not in ("scheme", "budget")])
     marked = pd.DataFrame([[f"{v:.4f}{'' if ok.sel(scheme=m, budget=b) else '!'}" for b, v in row.items()]
                            for m, row in rmse.iterrows()], index=rmse.index, columns=rmse.columns)
-    print(f"\nRMSE against the float model at lead {L}, mean over {per}s (normalised units; ! marks a method not "
+    print(f"\nRMSE against the float model at lead {L}, mean over the {per}s (normalised units; ! marks a method not "
           f"usable in some {per}: added error above the float model's own, "
           f"{', '.join(f'{v:.3f}' for v in C.float_rmse(result).values[:8])}{'...' if C.float_rmse(result).size > 8 else ''}):")
     with pd.option_context("display.width", 250, "display.max_columns", 30):

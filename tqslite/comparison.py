@@ -494,6 +494,12 @@ def run_models(names, methods=None, budgets=BUDGETS, smoke: bool = False, seed: 
 # Reading the results
 # --------------------------------------------------------------------------------------------
 
+def target_dim(result: xr.Dataset) -> str:
+    """The dim that holds a result's targets in tables: ``variable``, ``station`` or ``target``."""
+    per = result.attrs["per"]
+    return per if per in ("variable", "station") else "target"
+
+
 def cell_mse(result: xr.Dataset, against: str = "float") -> xr.DataArray:
     """Errors per window at the evaluation lead: ``(scheme, budget, window[, variable])``."""
     return result["mse"].sel(against=against, lead=result.sizes["lead"], drop=True)
@@ -641,7 +647,7 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
 
 __all__ = ["BITS", "BUDGETS", "GROUP_SIZE", "MATCH_TOLERANCE", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
            "SMOKE_BUDGETS", "SMOKE_CLOSED_LOOP", "allocation_gain_pairs", "book_methods", "cell_mse",
-           "closed_loop_methods", "complete_methods",
+           "closed_loop_methods", "complete_methods", "target_dim",
            "float_rmse", "head_to_head", "headline_pairs", "quantizer_gain_pairs", "ranking_stability",
            "recommended_method", "rmse_table", "run", "run_models", "run_named", "score_pairs", "smoke_settings",
            "summarize", "uniform", "usable_cells"]

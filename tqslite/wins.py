@@ -231,9 +231,13 @@ def tally(table: xr.Dataset, by=(), alpha: float | None = None) -> xr.Dataset:
 def describe(counts: xr.Dataset) -> str:
     """One line for a single group of :func:`tally`: ``"12 wins, 3 ties, 1 loss of 16 comparisons (Holm: ...)"``."""
     c = {k: int(counts[k]) for k in ("n", "win", "tie", "loss", "holm_win", "holm_loss", "unusable", "unmatched")}
-    text = (f"{c['win']} win{'s' * (c['win'] != 1)}, {c['tie']} tie{'s' * (c['tie'] != 1)}, {c['loss']} "
-            f"loss{'es' * (c['loss'] != 1)} of {c['n']} comparison{'s' * (c['n'] != 1)} "
-            f"(after Holm's adjustment: {c['holm_win']} wins, {c['holm_loss']} losses)")
+
+    def n(k, word, plural):
+        return f"{c[k]} {word if c[k] == 1 else plural}"
+
+    text = (f"{n('win', 'win', 'wins')}, {n('tie', 'tie', 'ties')}, {n('loss', 'loss', 'losses')} of "
+            f"{n('n', 'comparison', 'comparisons')} (after Holm's adjustment: {n('holm_win', 'win', 'wins')}, "
+            f"{n('holm_loss', 'loss', 'losses')})")
     extra = [f"{c[k]} {k}" for k in ("unusable", "unmatched") if c[k]]
     return text + (f"; not counted: {', '.join(extra)}" if extra else "")
 
