@@ -343,9 +343,12 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipelin
         ``float_mse(window, lead[, variable])``, the float model's own error; the skill curves
         ``eval_skill(forecast, lead)`` and ``probe_skill(forecast, lead)`` (mean RMSE over
         targets); ``bits_per_param(scheme, budget)``, ``budget_bits_per_param(budget)``,
-        ``size_shortfall``; the closed loop's ``start_fitness``, ``fitness``, ``refine_rollouts``
+        ``size_shortfall``; the closed loop's ``start_fitness`` (the knapsack plan's),
+        ``operating_point_fitness``, ``fitness``, ``refine_rollouts``
         and ``refine_seconds(scheme, budget)``; ``gamma(score_set, unit)`` and Spearman's
-        ``rho_vs_tqs(score)`` with its interval; ``stage_seconds(stage)`` (every shared step,
+        ``rho_vs_tqs(score)`` with its interval; the Gaussian probes' curves ``tqs_curve(unit, tqs_lead)``
+        and ``one_step_curve``; every plan as ``config(scheme, budget, plan_unit)`` (configuration
+        labels; :func:`plan_of` rebuilds it); ``stage_seconds(stage)`` (every shared step,
         timed once) and ``eval_seconds``. ``attrs`` record the settings, ``probe_horizon`` and
         ``eval_lead``.
     """
@@ -368,13 +371,15 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipelin
     refs = {"float": float_fc, "truth": truth}
     shape = (len(methods), len(budgets))
     bpp, budget_bpp = np.full(shape, np.nan), np.zeros(len(budgets))
-    fit = {k: np.full(shape, np.nan) for k in ("start_fitness", "fitness", "refine_rollouts", "refine_seconds")}
-    mse, cache = None, {}
+    fit = {k: np.full(shape, np.nan) for k in ("start_fitness", "operating_point_fitness", "fitness",
+                                               "refine_rollouts", "refine_seconds")}
+    mse, cache, configs = None, {}, {}
     bar = tqdm(total=len(methods) * len(budgets), desc=f"{bench.name}: methods x budgets", disable=not progress)
     for k, (bits, g) in enumerate(budgets):
         budget_bpp[k] = plan_size(uniform_plan(system, Int(bits, grid.scale[g])), system).bits_per_param
         for i, m in enumerate(methods):
             plan = grid.plan(m, bits, g, budget_bpp[k])
+            configs[i, k] = {u: c.label for u, c in plan.configs.items()}
             bpp[i, k] = plan_size(plan, system).bits_per_param
             if bpp[i, k] > budget_bpp[k] * (1 + 1e-12):
                 raise AssertionError(f"{m.label} at {_budget_label(bits, g)} is over budget: {bpp[i, k]} bits per "
@@ -385,6 +390,7 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipelin
                 steps = res.refined
                 if steps:
                     fit["start_fitness"][i, k], fit["fitness"][i, k] = steps[0].start_fitness, steps[-1].fitness
+                    fit["operating_point_fitness"][i, k] = steps[0].fitness if len(steps) > 1 else np.nan
                     fit["refine_rollouts"][i, k] = sum(r.rollouts for r in steps)
                     fit["refine_seconds"][i, k] = sum(r.seconds for r in steps)
             bank = grid.bank(m.quantizer, m.calibration, g)
@@ -407,8 +413,14 @@ def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipelin
                 mse[i, k, ["float", "truth"].index(a)] = errs[a].values
             bar.update()
     bar.close()
-    return _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds,
-                     n_boot, seed, L, T, group_size, n_hutchinson, closed_loop)
+    ds = _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds,
+                   n_boot, seed, L, T, group_size, n_hutchinson, closed_loop)
+    units = list(configs[0, 0])
+    ds["config"] = xr.DataArray(
+        np.array([[[configs[i, k][u] for u in units] for k in range(len(budgets))] for i in range(len(methods))],
+                 dtype=object), dims=("scheme", "budget", "plan_unit"), coords={"plan_unit": units},
+        attrs={"long_name": "each unit's configuration in the method's plan (tqslite.config labels)"})
+    return ds
 
 
 def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds, n_boot,
@@ -432,6 +444,7 @@ def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, 
         ds[k] = (dims, v)
     ds["start_fitness"].attrs["long_name"] = "probe-state fitness of the knapsack plan (closed loop only)"
     ds["fitness"].attrs["long_name"] = "probe-state fitness after the closed loop (RMS divergence at T)"
+    ds["operating_point_fitness"].attrs["long_name"] = "probe-state fitness after the operating-point step"
     ds["refine_rollouts"].attrs["long_name"] = "closed-loop cost in full rollouts of the probe states over T"
     for attr, name in (("score", "score"), ("quantizer", "quantizer"), ("objective", "objective"),
                        ("pricing", "priced_by"), ("refine", "refine"), ("calibration", "calibration")):
@@ -448,6 +461,10 @@ def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, 
         ds["gamma"] = xr.DataArray(np.array([gauss_sets[n]["gamma"].sel(unit=units).values for n in names]),
                                    dims=("score_set", "unit"), coords={"score_set": names, "unit": units})
         ds["n_params"] = ("unit", next(iter(gauss_sets.values()))["n_params"].sel(unit=units).values)
+        for n in ("tqs", "one_step"):
+            if n in gauss_sets:
+                ds[f"{n}_curve"] = gauss_sets[n]["curve"].sel(unit=units).rename(lead=f"{n}_lead")
+                ds[f"{n}_curve"].attrs["long_name"] = f"log-amplification Lambda_u(t) of the {n} probe"
         if "tqs" in gauss_sets:  # windows resampled for probe score sets, units for the others
             rho = {n: spearman_agreement(gauss_sets["tqs"], gauss_sets[n], n_boot=n_boot, seed=seed)
                    for n in names if n != "tqs"}
@@ -493,6 +510,14 @@ def run_models(names, methods=None, budgets=BUDGETS, smoke: bool = False, seed: 
 # --------------------------------------------------------------------------------------------
 # Reading the results
 # --------------------------------------------------------------------------------------------
+
+def plan_of(result: xr.Dataset, scheme: str, budget: str, model):
+    """The plan a method used at a budget, rebuilt from ``config`` for ``model`` (tensor units)."""
+    from .plans import plan_from_configs
+    c = result["config"].sel(scheme=scheme, budget=budget)
+    return plan_from_configs(model, dict(zip(c["plan_unit"].values.tolist(), c.values.tolist())), "tensor",
+                             {"made by": f"comparison: {scheme} at {budget}"})
+
 
 def target_dim(result: xr.Dataset) -> str:
     """The dim that holds a result's targets in tables: ``variable``, ``station`` or ``target``."""
@@ -647,7 +672,7 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
 
 __all__ = ["BITS", "BUDGETS", "GROUP_SIZE", "MATCH_TOLERANCE", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
            "SMOKE_BUDGETS", "SMOKE_CLOSED_LOOP", "allocation_gain_pairs", "book_methods", "cell_mse",
-           "closed_loop_methods", "complete_methods", "target_dim",
+           "closed_loop_methods", "complete_methods", "plan_of", "target_dim",
            "float_rmse", "head_to_head", "headline_pairs", "quantizer_gain_pairs", "ranking_stability",
            "recommended_method", "rmse_table", "run", "run_models", "run_named", "score_pairs", "smoke_settings",
            "summarize", "uniform", "usable_cells"]

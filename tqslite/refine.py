@@ -73,8 +73,9 @@ class Judge:
     model : nn.Module or system
         The float model. Its weights are swapped for a plan's during a measurement and restored
         bit for bit afterwards.
-    bank : WeightBank
-        The quantized weights every plan is assembled from.
+    bank : WeightBank or None
+        The quantized weights every plan is assembled from (``None``: only
+        :meth:`fitness_of` weights made elsewhere can be measured).
     x0 : Tensor, ``(N, *S)``
         Probe states (never evaluation windows).
     horizon : int
@@ -90,8 +91,8 @@ class Judge:
         Measurements so far, per fidelity ``(n_windows, horizon)``.
     """
 
-    def __init__(self, model, bank: WeightBank, x0: torch.Tensor, horizon: int, batch_size: int | None = None):
-        if not isinstance(bank, WeightBank):
+    def __init__(self, model, bank: WeightBank | None, x0: torch.Tensor, horizon: int, batch_size: int | None = None):
+        if bank is not None and not isinstance(bank, WeightBank):
             raise ValueError(f"bank={bank!r}: pass a WeightBank (WeightBank.build(model, options, quantizer, "
                              "calibration)), so that a candidate plan needs no quantizer run.")
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
@@ -122,8 +123,13 @@ class Judge:
 
     def divergence(self, plan: Plan, fidelity: Fidelity = FULL) -> np.ndarray:
         """RMS divergence ``(window,)`` at the fidelity's horizon of the plan's model from the float model."""
+        if self.bank is None:
+            raise ValueError("this judge has no bank: measure weights with fitness_of, or pass a WeightBank.")
+        return self.divergence_of(self.bank.dequantized(self.system, plan.tensor_configs()), fidelity)
+
+    def divergence_of(self, weights: dict, fidelity: Fidelity = FULL) -> np.ndarray:
+        """:meth:`divergence` of the model with ``weights`` ``{name: tensor}`` swapped in (from any quantizer)."""
         n, h = self._resolve(fidelity)
-        weights = self.bank.dequantized(self.system, plan.tensor_configs())
         with self.system.evaluating(), swapped(self.system, weights):
             traj = rollout(self.system, self.x0[:n], h, self.batch_size)
         diff = (traj[h - 1] - self.reference[h - 1, :n]).flatten(1).double()
@@ -134,7 +140,14 @@ class Judge:
 
     def fitness(self, plan: Plan, fidelity: Fidelity = FULL) -> float:
         """``sqrt(mean over windows of d**2)``: the RMS divergence at the horizon (lower is better)."""
-        d = self.divergence(plan, fidelity)
+        return self._rms(self.divergence(plan, fidelity))
+
+    def fitness_of(self, weights: dict, fidelity: Fidelity = FULL) -> float:
+        """:meth:`fitness` of the model with ``weights`` swapped in (e.g. GPTQ run anew on a mixed plan)."""
+        return self._rms(self.divergence_of(weights, fidelity))
+
+    @staticmethod
+    def _rms(d: np.ndarray) -> float:
         return float(np.sqrt(np.mean(d**2))) if np.isfinite(d).all() else math.inf
 
 
