@@ -18,12 +18,15 @@ Every field is a choice that can be changed (``dataclasses.replace(RECOMMENDED, 
 The default was fixed on 2 December 2026 from measurements on probe states and validation
 windows only, before the comparison ran on evaluation windows (the project's history has the
 commit; the only earlier contact was a debugging run of the comparison code in SMOKE mode on 96
-held-out windows of ``timesfm_lite``, which played no part in the choice). On validation windows at 3 and 4 bits the GPTQ-residual probe's knapsack plan
-had 0.60-0.75 times the added RMSE of uniform GPTQ on ``pangu_lite`` and ``aurora_lite`` and
-0.46 on ``timesfm_lite`` (3 bits per channel), against 0.66-0.90 with Gaussian noise; the closed
-loop removed 0-15 % more at 60 to 150 whole-model rollouts per budget (none on ``aurora_lite``
-at 3 bits per channel, after 130 rollouts), while the probe is paid once for every budget. So
-the default stays open loop, and the closed loop is the option notebook 11 measures.
+held-out windows of ``timesfm_lite``, which played no part in the choice).
+``benchmarks/pipeline_choice.py MODEL`` reruns those measurements. On development windows of
+the validation period, the knapsack plan of the GPTQ-residual probe had 0.60 to 0.68 times the
+added RMSE of uniform GPTQ on ``pangu_lite`` (3 and 4 bits, both grids), 0.75 on
+``aurora_lite`` and 0.46 on ``timesfm_lite`` (3 bits per channel, the one budget measured on
+these two); with Gaussian noise 0.66 to 0.82, 0.90 and 0.40 (better there). The closed loop
+removed up to 15 % more of the added RMSE (none on ``aurora_lite``), at 60 to 85 whole-model
+rollouts per step and budget, while the probe is paid once for every budget. So the default
+stays open loop, and the closed loop is the option notebook 11 measures.
 
 The steps of :func:`run`:
 
@@ -141,7 +144,7 @@ class PipelineResult:
     plan : Plan
         The final plan (refined if the pipeline refines).
     model
-        The quantized copy of the model (weights from the bank).
+        The quantized copy of the model, of the kind passed in (weights from the bank).
     knapsack_plan : Plan
         The plan before the closed loop.
     scores : xarray.Dataset
@@ -222,7 +225,7 @@ def run(pipeline: Pipeline, model, x_probe, budget_bits: float, horizon: int, *,
             refined.append(r)
             plan = r.plan
             seconds["search"] = time.perf_counter() - t0
-    return PipelineResult(plan, apply_plan(system, plan, bank), knapsack_plan, scores, table, bank, refined, seconds)
+    return PipelineResult(plan, apply_plan(model, plan, bank), knapsack_plan, scores, table, bank, refined, seconds)
 
 
 def probe_scores(pipeline: Pipeline, model, x_probe, horizon: int, bank: WeightBank, granularity=None,
