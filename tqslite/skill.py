@@ -17,7 +17,7 @@ section 5 turns both into rules, computed from the data, never typed in:
 
 Errors come in as mean squared errors per window, ``mse(window, lead[, target])`` (a *target*
 is a variable of a grid, a station of a series, or the whole state), as
-:func:`tqslite.comparison.rollout_errors` computes them. The RMSE of one target is over its
+:func:`tqslite.comparison.run` records them. The RMSE of one target is over its
 windows; a model's skill curve is the mean over targets of their RMSEs, the way
 :mod:`tqslite.train` reports skill (the mean over variables of each variable's RMSE).
 """
