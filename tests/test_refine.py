@@ -51,6 +51,8 @@ def test_the_search_never_goes_over_budget_nor_below_the_knapsack(setup, seed):
     start = judge.fitness(plan)
     out = refine(judge, table, plan, budget, generations=6, offspring=8, survivors=2, seed=seed)
     assert within_budget(out.plan, mlp, budget)
+    size = tqslite.plan_size(out.plan, mlp).bits_per_param
+    assert size >= min(0.99 * budget, tqslite.plan_size(plan, mlp).bits_per_param)   # still a matched size
     assert out.fitness <= start and out.start_fitness == start
     assert judge.fitness(out.plan) == pytest.approx(out.fitness, rel=1e-12)   # the reported fitness is measured
     assert out.rollouts > 0 and out.seconds > 0 and sum(out.evaluations.values()) > 0
@@ -81,7 +83,7 @@ def test_the_search_reaches_the_brute_force_optimum_of_a_small_problem():
         if within_budget(plan, model, budget):
             best = min(best, judge.fitness(plan))
     start = tqslite.allocate(table, budget_bits=budget)
-    out = refine(judge, table, start, budget, generations=10, offspring=6, survivors=3, seed=0)
+    out = refine(judge, table, start, budget, generations=10, offspring=6, survivors=3, min_fill=0.0, seed=0)
     assert out.fitness == pytest.approx(best, rel=1e-12)
 
 

@@ -209,11 +209,12 @@ def _size(table: xr.Dataset, rows: np.ndarray) -> float:
     return float(table["size"].values[np.arange(len(rows)), rows].sum())
 
 
-def _mutate(rows, levels, sizes, limit, rng, max_moves: int):
-    """A neighbour of ``rows`` within ``limit`` bits: up to ``max_moves`` units one option up, paid by others going down."""
+def _mutate(rows, levels, sizes, limit, floor, rng, max_moves: int):
+    """A neighbour of ``rows`` between ``floor`` and ``limit`` bits: up to ``max_moves`` units one option up, paid by
+    others going down; slack below ``floor`` is filled by raising other units that still fit (else ``None``)."""
     rows = rows.copy()
     pos = [int(np.flatnonzero(lv == r)[0]) for lv, r in zip(levels, rows)]
-    raised = set()
+    raised, lowered = set(), set()
     for _ in range(int(rng.integers(1, max_moves + 1))):
         can_rise = [i for i in range(len(rows)) if pos[i] + 1 < len(levels[i]) and i not in raised]
         if not can_rise:
@@ -234,12 +235,23 @@ def _mutate(rows, levels, sizes, limit, rng, max_moves: int):
         total -= saving[can_fall.index(j)]
         pos[j] -= 1
         rows[j] = levels[j][pos[j]]
-    return rows
+        lowered.add(j)
+    for i in rng.permutation(len(rows)):  # fill the slack: the budget is a size to match, not only a ceiling
+        if total >= floor:
+            break
+        if i in lowered or pos[i] + 1 >= len(levels[i]):
+            continue
+        extra = sizes[i, levels[i][pos[i] + 1]] - sizes[i, rows[i]]
+        if total + extra <= limit:
+            total += extra
+            pos[i] += 1
+            rows[i] = levels[i][pos[i]]
+    return rows if total >= floor else None
 
 
 def refine(judge: Judge, table: xr.Dataset, plan: Plan, budget_bits: float, *, generations: int = 20,
            offspring: int = 16, survivors: int = 4, screen: Fidelity | None = None, max_moves: int = 2,
-           patience: int | None = None, seed: int = 0, progress: bool = False) -> Refined:
+           min_fill: float = 0.99, patience: int | None = None, seed: int = 0, progress: bool = False) -> Refined:
     """An evolutionary search over whole plans at the same size, from ``plan`` (see the module docstring).
 
     Parameters
@@ -264,6 +276,9 @@ def refine(judge: Judge, table: xr.Dataset, plan: Plan, budget_bits: float, *, g
         The cheap fidelity (default: a quarter of the probe states, a third of the horizon).
     max_moves : int
         At most this many units go one option up in a mutation.
+    min_fill : float
+        Every candidate stores at least this fraction of the budget (or as much as ``plan``, if
+        less), so that it stays a matched-size competitor of methods at the budget.
     patience : int, optional
         Stop after this many generations without improvement.
     seed : int
@@ -274,7 +289,8 @@ def refine(judge: Judge, table: xr.Dataset, plan: Plan, budget_bits: float, *, g
     Returns
     -------
     Refined
-        Never over budget, never a worse full fitness than ``plan``'s.
+        Never over budget, never below ``min_fill`` of it (unless the start was), never a worse
+        full fitness than ``plan``'s.
     """
     t0 = time.perf_counter()
     steps0 = judge.state_steps
@@ -284,8 +300,11 @@ def refine(judge: Judge, table: xr.Dataset, plan: Plan, budget_bits: float, *, g
     levels, sizes = _levels(table), table["size"].values
     limit = _budget(table, budget_bits)
     rows = _rows(plan, table)
-    if _size(table, rows) > limit * (1 + 1e-12):
+    start_size = _size(table, rows)
+    if start_size > limit * (1 + 1e-12):
         raise ValueError(f"the start plan is over the budget of {budget_bits} bits per parameter.")
+    outside = float(table.attrs["outside_bits"])
+    floor = min(start_size, min_fill * (limit + outside) - outside)
     best = judge.fitness(plan)
     start, best_plan, history, stale = best, plan, [], 0
     for g in tqdm(range(generations), desc="refine", disable=not progress):
@@ -293,7 +312,7 @@ def refine(judge: Judge, table: xr.Dataset, plan: Plan, budget_bits: float, *, g
         for _ in range(offspring * 10):
             if len(kids) == offspring:
                 break
-            k = _mutate(rows, levels, sizes, limit, rng, max_moves)
+            k = _mutate(rows, levels, sizes, limit, floor, rng, max_moves)
             if k is not None and tuple(k) not in seen:
                 seen.add(tuple(k))
                 kids.append(k)
