@@ -498,12 +498,14 @@ def run_models(names, methods=None, budgets=BUDGETS, smoke: bool = False, seed: 
                **kwargs) -> dict:
     """:func:`run_named` for several models in ``workers`` parallel processes (one model each, one thread each).
 
-    Models are submitted in the order given; put the slowest first. Returns ``{name: result}``.
+    ``budgets`` is one list for every model, or ``{name: budgets}``. Models are submitted in the
+    order given; put the slowest first. Returns ``{name: result}``.
     """
+    per_model = budgets if isinstance(budgets, dict) else dict.fromkeys(names, budgets)
     if workers <= 1:
-        return {n: run_named(n, methods, budgets, smoke, seed, **kwargs) for n in names}
+        return {n: run_named(n, methods, per_model[n], smoke, seed, **kwargs) for n in names}
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {n: pool.submit(run_named, n, methods, budgets, smoke, seed, **kwargs) for n in names}
+        futures = {n: pool.submit(run_named, n, methods, per_model[n], smoke, seed, **kwargs) for n in names}
         return {n: f.result() for n, f in futures.items()}
 
 
