@@ -85,6 +85,10 @@ def test_the_search_reaches_the_brute_force_optimum_of_a_small_problem():
     start = tqslite.allocate(table, budget_bits=budget)
     out = refine(judge, table, start, budget, generations=10, offspring=6, survivors=3, min_fill=0.0, seed=0)
     assert out.fitness == pytest.approx(best, rel=1e-12)
+    # from the optimum, every neighbour measures worse: the search must keep it, not trade down
+    again = refine(judge, table, out.plan, budget, generations=5, offspring=6, survivors=3, min_fill=0.0, seed=1)
+    assert again.plan.configs == out.plan.configs and again.fitness == out.fitness
+    assert all(not h["taken"] for h in again.history)
 
 
 def test_fidelity_and_judge_check_their_settings(setup):
