@@ -69,3 +69,13 @@ def test_a_shipped_model_has_skill_only_at_lead_1_where_its_record_says_so():
     m = curves["mean_rmse"]
     assert float(m.sel(forecast="model", lead=1)) < float(m.sel(forecast="climatology", lead=1))
     assert float(m.sel(forecast="model", lead=2)) >= float(m.sel(forecast="climatology", lead=2))
+
+
+def test_window_mse_weights_latitudes_by_their_cosine():
+    from tqslite.benchmark import window_mse
+    # two latitudes, 0 and 60 degrees: weights cos(lat) / mean = 4/3 and 2/3; squared errors 1 and 4
+    err = xr.DataArray(np.array([1.0, 2.0])[None, None, None, :, None] * np.ones((3, 2, 1, 2, 5)),
+                       dims=("window", "lead", "variable", "lat", "lon"), coords={"lat": [0.0, 60.0]})
+    mse = window_mse(err, xr.zeros_like(err))
+    assert mse.dims == ("window", "lead", "variable")
+    np.testing.assert_allclose(mse.values, (4 / 3 * 1 + 2 / 3 * 4) / 2)   # 2.0, not the unweighted 2.5
