@@ -99,9 +99,9 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(marked.to_string())
     for table in ("headline", "allocation gain", "quantizer gain", "scores"):
-        sub = wins.where(wins["table"] == table, drop=True) if (wins["table"] == table).any() else None
-        if sub is None:
+        if not (wins["table"] == table).any():
             continue
+        sub = wins.isel(pair=np.flatnonzero(wins["table"].values == table))
         s = C.summarize(sub)
         rows = {str(p): [f"{int(s['win'].sel(pair=p))}/{int(s['tie'].sel(pair=p))}/{int(s['loss'].sel(pair=p))} of "
                          f"{int(s['n'].sel(pair=p))}", f"{int(s['holm_win'].sel(pair=p))}/{int(s['holm_loss'].sel(pair=p))}",
@@ -111,6 +111,10 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
         print(f"\n{table}: A vs B over every budget and {per} (ratio = RMSE A / RMSE B against the float model)")
         with pd.option_context("display.width", 250, "display.max_colwidth", 60):
             print(df.to_string())
+        if table in ("allocation gain", "quantizer gain"):
+            print(f"{table} per budget: median ratio over the {per}s (won/tied/lost; '-': no usable cell)")
+            with pd.option_context("display.width", 250, "display.max_columns", 40, "display.max_colwidth", 40):
+                print(per_budget(sub).to_string())
     closed = result["fitness"].notnull().any("budget")
     for m in result["scheme"].values[closed.values]:
         f0, f1 = result["start_fitness"].sel(scheme=m), result["fitness"].sel(scheme=m)
@@ -126,6 +130,17 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
     print(f"\nwall seconds of the shared steps (one thread): " + "; ".join(f"{k} {v:.1f}" for k, v in st.items())
           + f"; evaluation rollouts {float(result['eval_seconds']):.1f}; whole model "
           f"{result.attrs.get('wall_seconds', float('nan')):.0f}")
+
+
+def per_budget(table: xr.Dataset) -> pd.DataFrame:
+    """Median ratio and won/tied/lost of each pair (rows) at each budget (columns), over the counted targets."""
+    cols = {}
+    for b in table["budget"].values:
+        s = C.summarize(table.sel(budget=[b]))
+        cols[str(b)] = [f"{float(s['median_ratio'].sel(pair=p)):.2f} ({int(s['win'].sel(pair=p))}/"
+                        f"{int(s['tie'].sel(pair=p))}/{int(s['loss'].sel(pair=p))})" if int(s["n"].sel(pair=p)) else "-"
+                        for p in table["pair"].values]
+    return pd.DataFrame(cols, index=[str(p) for p in table["pair"].values])
 
 
 def print_headline(results: dict, wins: dict) -> None:
@@ -168,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="parallel processes, one model each")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--print-only", action="store_true",
+                   help="print the tables of the results already in --out (comparison_MODEL.nc, wins_MODEL.nc)")
     a = p.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     known = [*MODELS, *EMULATORS]
@@ -182,6 +199,14 @@ def main(argv=None) -> int:
                         else 2)
     t0 = time.perf_counter()
     results, wins = {}, {}
+    if a.print_only:
+        for name in models:
+            results[name] = xr.load_dataset(a.out / f"comparison_{name}.nc")
+            wins[name] = xr.load_dataset(a.out / f"wins_{name}.nc")
+        for name in models:
+            print_model(results[name], wins[name])
+        print_headline(results, wins)
+        return 0
     with ProcessPoolExecutor(max_workers=max(1, a.workers)) as pool:
         futures = {pool.submit(C.run_named, name, methods, budgets, a.smoke, a.seed, not a.quiet): name
                    for name in slow_first}
