@@ -200,3 +200,33 @@ def test_the_benchmark_command_prints_the_headline_and_writes_tables(tmp_path):
         result = xr.load_dataset(out / f"comparison_{name}.nc")
         short = result["size_shortfall"].where(result["score"] != "none")
         assert 0 <= float(short.min()) and float(short.max()) <= C.MATCH_TOLERANCE  # matched within 1 %
+
+
+def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
+    # hand-made win tables: known outcomes per budget and variable; a second pair that must be ignored
+    budgets = ["3b/channel", "3b/group", "4b/channel", "8b/channel"]
+    head, other = C.headline_pair(), "tqs+rtn vs none+rtn"
+    outcome = np.array([[["win", "win", "tie"], ["loss", "unusable", "unusable"], ["win", "tie", "unmatched"],
+                         ["loss", "loss", "loss"]],
+                        [["loss"] * 3] * 4], dtype=object)
+    p = np.where(outcome == "win", 1e-4, np.where(outcome == "loss", 0.04, 0.5))
+    ratio = np.where(outcome == "win", 0.5, np.where(outcome == "loss", 1.5, 1.0))
+    dims = ("pair", "budget", "variable")
+    table = xr.Dataset({"outcome": (dims, outcome.astype(str)), "p": (dims, p), "ratio": (dims, ratio)},
+                       coords={"pair": [head, other], "budget": budgets, "variable": list("xyz")},
+                       attrs={"ci": 0.95})
+    v = C.verdict({"pangu_lite": table}, bits=(3, 4))
+    assert v["model"].values.tolist() == ["pangu_lite"] and v["bits"].values.tolist() == [3, 4]
+    got = {k: v[k].sel(model="pangu_lite").values.tolist() for k in ("n", "win", "tie", "loss", "unusable",
+                                                                       "unmatched", "holm_win", "holm_loss")}
+    # 3 bits: 2 wins, 1 tie, 1 loss counted, 2 unusable; Holm over 4 p-values: 4e-4, 4e-4 reject, 0.04*2 > 0.05 not
+    assert got == dict(n=[4, 2], win=[2, 1], tie=[1, 1], loss=[1, 0], unusable=[2, 0], unmatched=[0, 1],
+                       holm_win=[2, 1], holm_loss=[0, 0])
+    table.to_netcdf(tmp_path / "wins_pangu_lite.nc")
+    again = C.verdict(tmp_path, bits=(3, 4))                  # the same counts from the saved table
+    assert all((again[k] == v[k]).all() for k in got)
+    text = C.verdict_sentence(v)
+    assert "won 3, tied 2 and lost 1 of 6 cells counted" in text and "2 more cells were not counted" in text
+    assert "not met" in text                                  # 50% won
+    with pytest.raises(ValueError, match="baselines"):
+        C.verdict(tmp_path / "nothing")

@@ -79,6 +79,11 @@ BITS = (2, 3, 4, 5, 6, 8)
 PROBE_BITS = 4
 #: Largest shortfall of a mixed plan's size below its budget, as a fraction.
 MATCH_TOLERANCE = 0.01
+#: The figure that matters (:func:`verdict`): the three stand-ins, at 3 and 4 bits per parameter.
+STAND_INS = ("pangu_lite", "aurora_lite", "timesfm_lite")
+HEADLINE_BITS = (3, 4)
+#: The goal the issue set for it: at least this share of the counted cells won, at most this share lost.
+GOAL = (0.70, 0.10)
 
 
 @dataclass(frozen=True)
@@ -628,6 +633,109 @@ def headline_pairs(result: xr.Dataset) -> list:
     return [p for p in out if p[0] in have and p[1] in have]
 
 
+def budget_bits(label: str) -> int:
+    """The bit width of a budget label: ``"3b/channel"`` -> 3."""
+    try:
+        return int(str(label).split("b/")[0])
+    except ValueError:
+        raise ValueError(f"budget {label!r} is not a budget label like '3b/channel' or '4b/group'.") from None
+
+
+def headline_pair() -> str:
+    """The pair of the figure that matters, as win tables name it: ``"recommended vs none+gptq"``."""
+    return f"{recommended_method().label} vs {uniform('gptq').label}"
+
+
+def verdict(source, models=STAND_INS, bits=HEADLINE_BITS, n_resamples: int = 9999, seed: int = 0) -> xr.Dataset:
+    """The figure that matters: the default pipeline against uniform GPTQ, counted per model and bit width.
+
+    Parameters
+    ----------
+    source : path or dict
+        A folder holding ``wins_MODEL.nc`` (as ``benchmarks/baselines.py`` and notebook 10 write
+        them), or ``{model: win table}`` (:func:`head_to_head` output), or ``{model: result}``
+        (:func:`run` output: the headline pair is then compared here).
+    models : sequence of str
+        Models to count (those absent from ``source`` are left out; at least one must be there).
+    bits : sequence of int
+        Bit widths counted: every budget of that width (both scale grids) is a cell.
+    n_resamples, seed
+        Bootstrap settings, used only when ``source`` holds results rather than win tables.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``(model, bits)``: the counts of :func:`tqslite.wins.tally` over the cells (budgets
+        of that width x targets) -- ``n`` (wins + ties + losses), ``win``, ``tie``, ``loss``,
+        ``unusable``, ``unmatched``, ``holm_win``, ``holm_loss`` (Holm's family: the counted
+        cells of one model and bit width). ``attrs``: the pair, the goal and the grid counted.
+    """
+    from pathlib import Path
+
+    pair = headline_pair()
+    tables = {}
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        for name in models:
+            f = folder / f"wins_{name}.nc"
+            if f.exists():
+                tables[name] = xr.load_dataset(f)
+    else:
+        for name in models:
+            if name in source:
+                t = source[name]
+                tables[name] = t if "outcome" in t else head_to_head(t, [pair.split(" vs ")], n_resamples=n_resamples,
+                                                                     seed=seed)
+    tables = {n: t for n, t in tables.items() if pair in t["pair"].values}
+    if not tables:
+        where = source if isinstance(source, (str, Path)) else "the dict given"
+        raise ValueError(f"no win table of {pair!r} for {list(models)} in {where}: run benchmarks/baselines.py "
+                         "(or notebook 10) first, or pass comparison.run results.")
+    bits = [int(b) for b in bits]
+    keys = ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss")
+    counts = {k: np.zeros((len(tables), len(bits)), int) for k in keys}
+    budgets = np.full((len(tables), len(bits)), "", dtype=object)
+    for i, (name, t) in enumerate(tables.items()):
+        t = t.sel(pair=pair)
+        for j, b in enumerate(bits):
+            keep = [x for x in t["budget"].values if budget_bits(x) == b]
+            budgets[i, j] = ", ".join(map(str, keep))
+            if keep:
+                c = tally(t.sel(budget=keep))
+                for k in keys:
+                    counts[k][i, j] = int(c[k])
+    dims = ("model", "bits")
+    out = xr.Dataset({k: (dims, v) for k, v in counts.items()} | {"budgets": (dims, budgets.astype(str))},
+                     coords={"model": list(tables), "bits": bits})
+    out.attrs = dict(pair=pair, goal_won=GOAL[0], goal_lost=GOAL[1], against="float model at the evaluation lead",
+                     note="cells: budgets of each bit width (both scale grids) x targets; unusable and unmatched "
+                          "cells are not counted")
+    return out
+
+
+def verdict_sentence(v: xr.Dataset) -> str:
+    """The verdict of :func:`verdict` in one sentence, every number from ``v`` (Markdown)."""
+    total = {k: int(v[k].sum()) for k in ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss")}
+    n = total["n"]
+    met = n > 0 and total["win"] / n >= v.attrs["goal_won"] and total["loss"] / n <= v.attrs["goal_lost"]
+    pct = (lambda k: f"{100 * total[k] / n:.0f}%") if n else (lambda k: "-")
+    text = (f"Against uniform GPTQ at {' and '.join(map(str, v['bits'].values.tolist()))} bits per parameter on "
+            f"{', '.join(f'`{m}`' for m in v['model'].values)}, the default pipeline won {total['win']}, tied "
+            f"{total['tie']} and lost {total['loss']} of {n} cells counted ({pct('win')} won, {pct('loss')} lost; "
+            f"after Holm's adjustment {total['holm_win']} wins and {total['holm_loss']} losses remain)")
+    if total["unusable"]:
+        text += (f"; {total['unusable']} more cells were not counted because a quantized model added more error "
+                 "than the float model's own there (unusable)")
+        none = [(str(m), int(b)) for m in v["model"].values for b in v["bits"].values
+                if int(v["n"].sel(model=m, bits=b)) == 0 and int(v["unusable"].sel(model=m, bits=b)) > 0]
+        if none:
+            text += (": no cell is usable for " + ", ".join(f"`{m}` at {b} bits" for m, b in none))
+    if total["unmatched"]:
+        text += f"; {total['unmatched']} cells were not counted because the two sizes differ by more than 1%"
+    return text + (f". The goal (at least {100 * v.attrs['goal_won']:.0f}% won, at most {100 * v.attrs['goal_lost']:.0f}% "
+                   f"lost) is {'met' if met else 'not met'} on the cells counted.")
+
+
 def summarize(table: xr.Dataset, by=("pair",)) -> xr.Dataset:
     """Counts of :func:`tqslite.wins.tally` grouped ``by``, with the median ratio of the counted cells."""
     counts = tally(table, by=list(by))
@@ -672,7 +780,8 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
     )
 
 
-__all__ = ["BITS", "BUDGETS", "GROUP_SIZE", "MATCH_TOLERANCE", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
+__all__ = ["BITS", "BUDGETS", "GOAL", "GROUP_SIZE", "HEADLINE_BITS", "MATCH_TOLERANCE", "STAND_INS", "budget_bits",
+           "headline_pair", "verdict", "verdict_sentence", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
            "SMOKE_BUDGETS", "SMOKE_CLOSED_LOOP", "allocation_gain_pairs", "book_methods", "cell_mse",
            "closed_loop_methods", "complete_methods", "plan_of", "target_dim",
            "float_rmse", "head_to_head", "headline_pairs", "quantizer_gain_pairs", "ranking_stability",
