@@ -48,12 +48,8 @@ from tqslite import wins as W
 from tqslite.cli import _write_atomic
 from tqslite.models import EMULATORS, MODELS
 
-#: The three stand-ins of the headline figure.
-STAND_INS = tuple(MODELS)
-#: Budgets of the headline figure: 3 and 4 bits, both grids.
-HEADLINE_BITS = (3, 4)
-#: The goal the issue set for the headline: at least this share of cells won, at most this share lost.
-GOAL = (0.70, 0.10)
+#: The three stand-ins and the bit widths of the headline figure (:func:`tqslite.comparison.verdict`).
+STAND_INS, HEADLINE_BITS = C.STAND_INS, C.HEADLINE_BITS
 
 
 def pairs_of(result: xr.Dataset) -> dict:
@@ -76,6 +72,9 @@ def count_line(table: xr.Dataset) -> str:
 
 
 def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
+    if "table" not in wins.coords:  # win tables written by notebook 10: label each pair with its table here
+        kind = {f"{a} vs {b}": t for t, ps in pairs_of(result).items() for a, b in ps}
+        wins = wins.assign_coords(table=("pair", [kind.get(str(p), "other") for p in wins["pair"].values]))
     name, tdim = result.attrs["model"], C.target_dim(result)
     per = {"variable": "variable", "station": "station"}.get(tdim, "target")
     L, T = result.attrs["eval_lead"], result.attrs["probe_horizon"]
@@ -144,33 +143,19 @@ def per_budget(table: xr.Dataset) -> pd.DataFrame:
 
 
 def print_headline(results: dict, wins: dict) -> None:
-    """The recommended pipeline against uniform GPTQ at 3 and 4 bits on the three stand-ins."""
-    rec, base = C.recommended_method().label, C.uniform("gptq").label
-    pair = f"{rec} vs {base}"
-    parts, lines = [], []
-    for name in STAND_INS:
-        if name not in wins or pair not in wins[name]["pair"].values:
-            continue
-        r = results[name]
-        budgets = [b for b, bits in zip(r["budget"].values, r["bits"].values) if int(bits) in HEADLINE_BITS]
-        t = wins[name].sel(pair=pair, budget=budgets)
-        parts.append(t["outcome"].values.ravel())
-        lines.append(f"  {name} (lead {r.attrs['eval_lead']}): {count_line(t)}")
-    if not parts:
+    """The recommended pipeline against uniform GPTQ at 3 and 4 bits on the three stand-ins (:func:`C.verdict`)."""
+    present = [n for n in STAND_INS if n in wins and C.headline_pair() in wins[n]["pair"].values]
+    if not present:
         return
-    out = np.concatenate(parts)
-    n = int(np.isin(out, ["win", "tie", "loss"]).sum())
-    w, ti, lo = (int((out == k).sum()) for k in ("win", "tie", "loss"))
-    print(f"\n=== The figure that matters: {rec} (the default pipeline, {C.RECOMMENDED!r}) against uniform GPTQ, "
-          f"at {' and '.join(map(str, HEADLINE_BITS))} bits (channel and group grids), against the float model ===")
-    print("\n".join(lines))
-    if n:
-        print(f"  all: {w} won, {ti} tied, {lo} lost of {n} comparisons: {100 * w / n:.0f}% won, {100 * lo / n:.0f}% "
-              f"lost (goal: at least {100 * GOAL[0]:.0f}% won, at most {100 * GOAL[1]:.0f}% lost: "
-              f"{'met' if w / n >= GOAL[0] and lo / n <= GOAL[1] else 'not met'})")
-    unusable = int((out == "unusable").sum())
-    if unusable:
-        print(f"  not counted: {unusable} cells where a method's added error exceeds the float model's own")
+    v = C.verdict(wins, models=present, bits=HEADLINE_BITS)
+    print(f"\n=== The figure that matters: {C.recommended_method().label} (the default pipeline, {C.RECOMMENDED!r}) "
+          f"against uniform GPTQ, at {' and '.join(map(str, HEADLINE_BITS))} bits (channel and group grids), against "
+          "the float model at each model's evaluation lead ===")
+    table = v.to_dataframe()[["n", "win", "tie", "loss", "holm_win", "holm_loss", "unusable", "unmatched", "budgets"]]
+    table.insert(0, "lead", [results[m].attrs["eval_lead"] for m, _ in table.index])
+    with pd.option_context("display.width", 250):
+        print(table.rename(columns={"n": "counted", "holm_win": "Holm win", "holm_loss": "Holm loss"}).to_string())
+    print("  " + C.verdict_sentence(v).replace("`", ""))
 
 
 def main(argv=None) -> int:
