@@ -79,3 +79,14 @@ def test_window_mse_weights_latitudes_by_their_cosine():
     mse = window_mse(err, xr.zeros_like(err))
     assert mse.dims == ("window", "lead", "variable")
     np.testing.assert_allclose(mse.values, (4 / 3 * 1 + 2 / 3 * 4) / 2)   # 2.0, not the unweighted 2.5
+
+
+def test_usable_targets_compare_rmse_per_target_not_per_window():
+    # variable a: added RMSE sqrt(mean(1, 9)) = sqrt(5) > own 2 -> not usable, though one window is below;
+    # variable b: added sqrt(mean(1, 1)) = 1 <= own 1 -> usable (equal is usable)
+    added = xr.DataArray([[1.0, 1.0], [9.0, 1.0]], dims=("window", "variable"), coords={"variable": ["a", "b"]})
+    own = xr.DataArray([[4.0, 1.0], [4.0, 1.0]], dims=("window", "variable"), coords={"variable": ["a", "b"]})
+    ok = S.usable_targets(added, own, "variable")
+    assert ok.dims == ("variable",) and ok.values.tolist() == [False, True]
+    st = xr.DataArray([1.0, 1.0, 9.0, 9.0], dims="window", coords={"station": ("window", ["A", "A", "B", "B"])})
+    assert S.usable_targets(st, xr.full_like(st, 4.0), "station").values.tolist() == [True, False]

@@ -10,7 +10,8 @@ section 5 turns both into rules, computed from the data, never typed in:
 * :func:`skill_horizon` -- the **evaluation horizon**: the last lead ``L`` such that at every lead
   ``1..L`` the float model's RMSE is below the RMSE of every reference forecast (0 when the model
   has no skill even at lead 1);
-* :func:`usable` -- a quantized model is **usable** at a lead when its added RMSE (against the
+* :func:`usable` (and :func:`usable_targets`, per target from per-window errors) -- a
+  quantized model is **usable** at a lead when its added RMSE (against the
   float model) is at most the float model's own RMSE (against the truth) there; comparisons in
   which a method is not usable are kept out of win counts and reported separately
   (:mod:`tqslite.wins`).
@@ -124,4 +125,17 @@ def usable(added_rmse, own_rmse):
     return np.isfinite(added) & (added <= own)
 
 
-__all__ = ["horizon_of", "rmse_per_target", "skill_curves", "skill_horizon", "target_groups", "usable"]
+def usable_targets(added_mse: xr.DataArray, own_mse: xr.DataArray, per: str) -> xr.DataArray:
+    """:func:`usable` per target, from per-window errors at one lead.
+
+    ``added_mse`` is a quantized model's MSE against the float model, ``own_mse`` the float
+    model's MSE against the truth, both ``(window[, variable])`` on the same windows; each is
+    turned into an RMSE per target (:func:`rmse_per_target`) before they are compared. Returns a
+    boolean DataArray over the target dim.
+    """
+    added, own = rmse_per_target(added_mse, per), rmse_per_target(own_mse, per)
+    return xr.DataArray(usable(added.values, own.values), dims=added.dims, coords=added.coords)
+
+
+__all__ = ["horizon_of", "rmse_per_target", "skill_curves", "skill_horizon", "target_groups", "usable",
+           "usable_targets"]
