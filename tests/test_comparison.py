@@ -141,6 +141,8 @@ def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
         both = (ok.sel(scheme=str(a)) & ok.sel(scheme=str(b))).values
         out = table["outcome"].sel(pair=p).values
         assert ((out == "unusable") == ~both).all()
+        assert (table["usable_a"].sel(pair=p).values == ok.sel(scheme=str(a)).values).all()
+        assert (table["usable_b"].sel(pair=p).values == ok.sel(scheme=str(b)).values).all()
     s = C.summarize(table)
     assert (s["n"] + s["unusable"] + s["unmatched"] == table.sizes["budget"] * table.sizes["variable"]).all()
     with pytest.raises(ValueError, match="not methods of this result"):
@@ -212,21 +214,27 @@ def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
     p = np.where(outcome == "win", 1e-4, np.where(outcome == "loss", 0.04, 0.5))
     ratio = np.where(outcome == "win", 0.5, np.where(outcome == "loss", 1.5, 1.0))
     dims = ("pair", "budget", "variable")
-    table = xr.Dataset({"outcome": (dims, outcome.astype(str)), "p": (dims, p), "ratio": (dims, ratio)},
+    usable_a = outcome != "unusable"
+    usable_a[0, 1, 1] = True                                  # 3b/group, y: only the pipeline is usable
+    usable_b = outcome != "unusable"
+    table = xr.Dataset({"outcome": (dims, outcome.astype(str)), "p": (dims, p), "ratio": (dims, ratio),
+                        "usable_a": (dims, usable_a), "usable_b": (dims, usable_b)},
                        coords={"pair": [head, other], "budget": budgets, "variable": list("xyz")},
                        attrs={"ci": 0.95})
     v = C.verdict({"pangu_lite": table}, bits=(3, 4))
     assert v["model"].values.tolist() == ["pangu_lite"] and v["bits"].values.tolist() == [3, 4]
     got = {k: v[k].sel(model="pangu_lite").values.tolist() for k in ("n", "win", "tie", "loss", "unusable",
-                                                                       "unmatched", "holm_win", "holm_loss")}
+                                                                       "unmatched", "holm_win", "holm_loss",
+                                                                       "only_a_usable", "only_b_usable")}
     # 3 bits: 2 wins, 1 tie, 1 loss counted, 2 unusable; Holm over 4 p-values: 4e-4, 4e-4 reject, 0.04*2 > 0.05 not
     assert got == dict(n=[4, 2], win=[2, 1], tie=[1, 1], loss=[1, 0], unusable=[2, 0], unmatched=[0, 1],
-                       holm_win=[2, 1], holm_loss=[0, 0])
+                       holm_win=[2, 1], holm_loss=[0, 0], only_a_usable=[1, 0], only_b_usable=[0, 0])
     table.to_netcdf(tmp_path / "wins_pangu_lite.nc")
     again = C.verdict(tmp_path, bits=(3, 4))                  # the same counts from the saved table
     assert all((again[k] == v[k]).all() for k in got)
     text = C.verdict_sentence(v)
     assert "won 3, tied 2 and lost 1 of 6 cells counted" in text and "2 more cells were not counted" in text
     assert "not met" in text                                  # 50% won
+    assert "in 1 of the 2 the default pipeline is usable and uniform GPTQ is not, in 0 the reverse" in text
     with pytest.raises(ValueError, match="baselines"):
         C.verdict(tmp_path / "nothing")

@@ -566,7 +566,8 @@ def head_to_head(result: xr.Dataset, pairs, against: str = "float", budgets=None
 
     Sizes must match within 1 % (the budget's RTN size for both); a cell counts only where both
     methods are usable (:func:`usable_cells`). Returns dims ``pair`` (``"A vs B"``), ``budget``
-    and the target, plus ``a``/``b`` (the labels) along ``pair``.
+    and the target, plus ``a``/``b`` (the labels) along ``pair`` and ``usable_a``/``usable_b``
+    (whether each method is usable in the cell: an unusable cell may still have one usable side).
     """
     pairs = [tuple(p) for p in pairs]
     methods = set(result["scheme"].values.tolist())
@@ -585,6 +586,7 @@ def head_to_head(result: xr.Dataset, pairs, against: str = "float", budgets=None
                       usable=pick(ok, 0) & pick(ok, 1),
                       n_resamples=n_resamples, ci=ci, seed=seed)
     table = table.assign_coords(a=("pair", [p[0] for p in pairs]), b=("pair", [p[1] for p in pairs]))
+    table["usable_a"], table["usable_b"] = (pick(ok, k).transpose(*table["outcome"].dims) for k in (0, 1))
     table.attrs.update(model=result.attrs["model"], against=against, eval_lead=result.attrs["eval_lead"])
     return table
 
@@ -668,7 +670,10 @@ def verdict(source, models=STAND_INS, bits=HEADLINE_BITS, n_resamples: int = 999
         Dims ``(model, bits)``: the counts of :func:`tqslite.wins.tally` over the cells (budgets
         of that width x targets) -- ``n`` (wins + ties + losses), ``win``, ``tie``, ``loss``,
         ``unusable``, ``unmatched``, ``holm_win``, ``holm_loss`` (Holm's family: the counted
-        cells of one model and bit width). ``attrs``: the pair, the goal and the grid counted.
+        cells of one model and bit width), and among the unusable cells ``only_a_usable`` (the
+        default pipeline usable, uniform GPTQ not) and ``only_b_usable`` (the reverse; both 0 for
+        win tables without ``usable_a``/``usable_b``). ``attrs``: the pair, the goal and the
+        grid counted.
     """
     from pathlib import Path
 
@@ -692,7 +697,8 @@ def verdict(source, models=STAND_INS, bits=HEADLINE_BITS, n_resamples: int = 999
         raise ValueError(f"no win table of {pair!r} for {list(models)} in {where}: run benchmarks/baselines.py "
                          "(or notebook 10) first, or pass comparison.run results.")
     bits = [int(b) for b in bits]
-    keys = ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss")
+    keys = ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss", "only_a_usable",
+            "only_b_usable")
     counts = {k: np.zeros((len(tables), len(bits)), int) for k in keys}
     budgets = np.full((len(tables), len(bits)), "", dtype=object)
     for i, (name, t) in enumerate(tables.items()):
@@ -701,9 +707,15 @@ def verdict(source, models=STAND_INS, bits=HEADLINE_BITS, n_resamples: int = 999
             keep = [x for x in t["budget"].values if budget_bits(x) == b]
             budgets[i, j] = ", ".join(map(str, keep))
             if keep:
-                c = tally(t.sel(budget=keep))
-                for k in keys:
+                sub = t.sel(budget=keep)
+                c = tally(sub)
+                for k in keys[:-2]:
                     counts[k][i, j] = int(c[k])
+                if "usable_a" in sub:  # unusable cells where only one side is usable (tables since 2 Dec 2026)
+                    off = (sub["outcome"] == "unusable").values
+                    ua, ub = sub["usable_a"].values.astype(bool), sub["usable_b"].values.astype(bool)
+                    counts["only_a_usable"][i, j] = int((off & ua & ~ub).sum())
+                    counts["only_b_usable"][i, j] = int((off & ub & ~ua).sum())
     dims = ("model", "bits")
     out = xr.Dataset({k: (dims, v) for k, v in counts.items()} | {"budgets": (dims, budgets.astype(str))},
                      coords={"model": list(tables), "bits": bits})
@@ -729,7 +741,11 @@ def verdict_sentence(v: xr.Dataset) -> str:
         none = [(str(m), int(b)) for m in v["model"].values for b in v["bits"].values
                 if int(v["n"].sel(model=m, bits=b)) == 0 and int(v["unusable"].sel(model=m, bits=b)) > 0]
         if none:
-            text += (": no cell is usable for " + ", ".join(f"`{m}` at {b} bits" for m, b in none))
+            text += (": no cell counts for " + ", ".join(f"`{m}` at {b} bits" for m, b in none))
+        a_only, b_only = int(v["only_a_usable"].sum()), int(v["only_b_usable"].sum())
+        if a_only or b_only:
+            text += (f"; in {a_only} of the {total['unusable']} the default pipeline is usable and uniform GPTQ is "
+                     f"not, in {b_only} the reverse")
     if total["unmatched"]:
         text += f"; {total['unmatched']} cells were not counted because the two sizes differ by more than 1%"
     return text + (f". The goal (at least {100 * v.attrs['goal_won']:.0f}% won, at most {100 * v.attrs['goal_lost']:.0f}% "
