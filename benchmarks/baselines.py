@@ -151,10 +151,13 @@ def print_headline(results: dict, wins: dict) -> None:
     print(f"\n=== The figure that matters: {C.recommended_method().label} (the default pipeline, {C.RECOMMENDED!r}) "
           f"against uniform GPTQ, at {' and '.join(map(str, HEADLINE_BITS))} bits (channel and group grids), against "
           "the float model at each model's evaluation lead ===")
-    table = v.to_dataframe()[["n", "win", "tie", "loss", "holm_win", "holm_loss", "unusable", "unmatched", "budgets"]]
+    table = v.to_dataframe()[["n", "win", "tie", "loss", "holm_win", "holm_loss", "unusable", "only_a_usable",
+                              "only_b_usable", "unmatched", "budgets"]]
     table.insert(0, "lead", [results[m].attrs["eval_lead"] for m, _ in table.index])
     with pd.option_context("display.width", 250):
-        print(table.rename(columns={"n": "counted", "holm_win": "Holm win", "holm_loss": "Holm loss"}).to_string())
+        print(table.rename(columns={"n": "counted", "holm_win": "Holm win", "holm_loss": "Holm loss",
+                                    "only_a_usable": "of which only TQS usable",
+                                    "only_b_usable": "only uniform usable"}).to_string())
     print("  " + C.verdict_sentence(v).replace("`", ""))
 
 
