@@ -8,7 +8,7 @@ pass per layer, a column loop without blocks), taken from this repository's hist
 is :class:`tqslite.gptq.GPTQ` with its defaults (act-order, static groups, blocks of 128) on the
 uniform configuration of the same bits, per channel and per group of 32, for every tensor. Both
 get the same 32 calibration states, drawn from the training period as
-:func:`tqslite.comparison.benchmark` draws them; one thread; best of ``--repeats`` runs.
+:func:`tqslite.benchmark.benchmark` draws them; one thread; best of ``--repeats`` runs.
 
 The sanity lines give the output error ``||W X - Q X||_F`` summed over the GPTQ layers, ``X``
 being each layer's inputs in the float model on the calibration states, for RTN, the old GPTQ

@@ -1,7 +1,8 @@
-"""The comparison of every method at matched size: sizes, errors, win tables, costs, the command."""
+"""Methods as (score, objective, quantizer) at matched size: sizes, errors, shared work, win tables, the command."""
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,31 +14,52 @@ from torch import nn
 
 import tqslite
 from tqslite import comparison as C
+from tqslite.benchmark import Benchmark, float_skill
 from tqslite.evaluation import forecast
+from tqslite.pipeline import run as run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = ((2, "channel"), (4, "channel"), (3, "group"))
+CLOSED = replace(C.SMOKE_CLOSED_LOOP, generations=2)
 
 
 def small_benchmark(seed=0):
-    """A tiny forecaster of an 8-variable state, with truth = the float rollout plus noise."""
+    """A tiny forecaster of an 8-variable state. The truth is the float rollout plus noise of RMS
+    0.05 * lead, and the climatology forecast errs by exactly 0.175 everywhere, so the float model
+    has skill up to lead 3 (0.15 < 0.175 < 0.20); persistence, a whole step off, never binds."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 8)).double()
     g = torch.Generator().manual_seed(seed)
-    states = torch.randn(64, 8, generator=g, dtype=torch.float64)
-    x_eval = xr.DataArray(states[:24].numpy(), dims=("window", "variable"), coords={"variable": list("abcdefgh")})
-    truth = forecast(model, x_eval, 3)
-    truth = truth + 0.01 * np.random.default_rng(seed).normal(size=truth.shape)
+    states = torch.randn(80, 8, generator=g, dtype=torch.float64)
+    rng = np.random.default_rng(seed)
+
+    def windows(x, horizon=5):
+        x = xr.DataArray(x.numpy(), dims=("window", "variable"), coords={"variable": list("abcdefgh")})
+        fc = forecast(model, x, horizon)
+        truth = fc + 0.05 * np.arange(1, horizon + 1)[None, :, None] * rng.normal(size=fc.shape)
+        clim = truth + 0.175
+        pers = xr.zeros_like(truth) + x.values[:, None]
+        return x, truth, xr.concat([clim, pers], xr.DataArray(["climatology", "persistence"], dims="forecast"))
+
+    xp, tp, rp = windows(states[:8])
+    xe, te, re = windows(states[8:32])
     batches = [(states[32:48], model(states[32:48]).detach() + 0.05)]
-    return C.Benchmark("mlp", tqslite.TorchSystem(model), states[:6], x_eval, truth, 3, states[48:],
-                       batches, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    return Benchmark("mlp", tqslite.TorchSystem(model), xp, tp, rp, xe, te, re, states[48:],
+                     batches, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), per="variable")
+
+
+METHODS = (C.uniform("rtn"), C.uniform("gptq"), C.Method("tqs", "rtn"), C.Method("tqs", "gptq", priced_by="rtn"),
+           C.Method("tqs_quant", "rtn"), C.Method("one_step", "gptq"), C.Method("hessian", "gptq"),
+           C.Method("range", "qep"), C.Method("random", "gptq"), C.recommended_method(),
+           replace(C.recommended_method(), refine="operating_point"), replace(C.recommended_method(), refine="closed_loop"),
+           C.Method("none", "gptq", calibration="rollout"))
 
 
 @pytest.fixture(scope="module")
 def compared():
     bench = small_benchmark()
     before = snapshot(bench.system.module)
-    result = C.compare(bench, budgets=BUDGETS, group_size=16, n_hutchinson=4, n_boot=200)
+    result = C.run(bench, METHODS, BUDGETS, closed_loop=CLOSED, group_size=16, n_hutchinson=2, n_boot=50)
     return bench, before, result
 
 
@@ -45,115 +67,101 @@ def test_sizes_match_and_the_float_model_is_untouched(compared):
     bench, before, result = compared
     assert same_weights(bench.system.module, before)
     bpp = result["bits_per_param"]
-    # GPTQ is stored exactly like uniform RTN; mixed plans never exceed it. With four tensors a plan
-    # cannot always land within 1 % below (one bit on one tensor is a big step); the shipped models
-    # do, checked in the command's test below.
-    assert np.array_equal(bpp.sel(scheme="gptq"), bpp.sel(scheme="rtn"))
-    assert np.array_equal(bpp.sel(scheme="qep"), bpp.sel(scheme="rtn"))
-    short = result["size_shortfall"].sel(scheme=list(C.MIXED))
-    assert float(short.min()) >= 0 and float(short.max()) <= 0.02
+    budget = result["budget_bits_per_param"]
+    uniform = result["score"] == "none"
+    assert (bpp.where(uniform) == budget).sum() == int(uniform.sum()) * len(BUDGETS)   # uniform: the budget exactly
+    assert float(result["size_shortfall"].min()) >= 0                                  # nobody above the budget
     assert list(result["budget"].values) == ["2b/channel", "4b/channel", "3b/group"]
+
+
+def test_the_evaluation_lead_is_the_skill_horizon_of_the_evaluation_windows(compared):
+    bench, _, result = compared
+    L = float_skill(bench, "eval").attrs["horizon"]
+    assert result.attrs["eval_lead"] == L == result.sizes["lead"]
+    assert result.attrs["probe_horizon"] == float_skill(bench, "probe").attrs["horizon"]
+    assert L == 3       # known: the model's 0.05 * lead crosses the climatology's 0.175 after lead 3
 
 
 def test_errors_are_those_of_the_quantized_rollouts(compared):
     bench, _, result = compared
+    L = result.attrs["eval_lead"]
+    ref = forecast(bench.system, bench.x_eval, L)
     plan = tqslite.uniform_plan(bench.system, 4)
-    fc = forecast(tqslite.apply_plan(bench.system, plan), bench.x_eval, 3)
-    ref = forecast(bench.system, bench.x_eval, 3)
-    for against, target in (("float", ref), ("truth", bench.truth)):
-        expected = ((fc - target) ** 2).transpose("window", "lead", "variable").values
-        got = result["mse"].sel(scheme="rtn", budget="4b/channel", against=against).values
-        np.testing.assert_allclose(got, expected, rtol=1e-12)
-    np.testing.assert_allclose(C.float_rmse(result).values,  # the float model's own error against the truth
-                               np.sqrt(((ref - bench.truth) ** 2).sel(lead=3).mean("window").values), rtol=1e-12)
-    table = C.rmse_table(result)
-    np.testing.assert_allclose(table.sel(scheme="rtn", budget="4b/channel").values,
-                               np.sqrt(((fc - ref) ** 2).sel(lead=3).mean("window").values), rtol=1e-12)
+    for label, q, cal in (("none+rtn", None, None), ("none+gptq", tqslite.GPTQ(), bench.calibration)):
+        fc = forecast(tqslite.apply_plan(bench.system, plan, q, cal), bench.x_eval, L)   # GPTQ run anew, not the bank
+        for against, target in (("float", ref), ("truth", bench.truth.sel(lead=slice(1, L)))):
+            expected = ((fc - target) ** 2).transpose("window", "lead", "variable").values
+            got = result["mse"].sel(scheme=label, budget="4b/channel", against=against).values
+            np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(C.float_rmse(result).values,
+                               np.sqrt(((ref - bench.truth) ** 2).sel(lead=L).mean("window").values), rtol=1e-12)
 
 
-def test_tqs_linear_is_the_tqs_scores_with_errors_added_linearly(compared):
-    bench, _, result = compared
-    scores = tqslite.probe(bench.system, bench.x_probe, horizon=bench.horizon, progress=False)  # same seed
-    budget = float(result["budget_bits_per_param"].sel(budget="4b/channel"))
-    plan = tqslite.allocate(tqslite.cost_table(scores, bench.system, C.OPTIONS, "linear"), budget_bits=budget)
-    fc = forecast(tqslite.apply_plan(bench.system, plan), bench.x_eval, 3)
-    expected = ((fc - forecast(bench.system, bench.x_eval, 3)) ** 2).transpose("window", "lead", "variable").values
-    got = result["mse"].sel(scheme="tqs_linear", budget="4b/channel", against="float").values
-    np.testing.assert_allclose(got, expected, rtol=1e-12)
-    # it shares the TQS probe: the same sensitivity pass, counted in its cost
-    assert float(result["sensitivity_seconds"].sel(scheme="tqs_linear")) == float(
-        result["sensitivity_seconds"].sel(scheme="tqs"))
-
-
-def test_at_the_smallest_budget_every_allocator_plan_is_uniform_rtn(compared):
+def test_the_same_plan_and_quantizer_give_the_same_model_and_an_exact_tie(compared):
     _, _, result = compared
-    # options start at 2 bits, so the 2-bit budget leaves every mixed method exactly RTN's plan
+    # at 2 bits every knapsack plan is uniform (the options start at 2 bits): identical models
     mse = result["mse"].sel(budget="2b/channel")
-    for m in C.MIXED:
-        assert np.array_equal(mse.sel(scheme=m), mse.sel(scheme="rtn"))
-    wins = C.win_table(result, n_boot=100)
-    cell = wins.sel(budget="2b/channel", baseline="rtn")
-    assert (cell["outcome"] == "tie").all() and np.allclose(cell["ratio"], 1.0)
+    for m in ("recommended", "one_step+gptq", "hessian+gptq", "random+gptq", "recommended+closed_loop"):
+        assert np.array_equal(mse.sel(scheme=m), mse.sel(scheme="none+gptq")), m
+    table = C.head_to_head(result, [("recommended", "none+gptq")], budgets=["2b/channel"], n_resamples=99)
+    cell = table.sel(pair="recommended vs none+gptq")
+    assert np.allclose(cell["ratio"], 1.0) and np.allclose(cell["lo"], 1.0) and np.allclose(cell["hi"], 1.0)
+    assert set(cell["outcome"].values.ravel()) <= {"tie", "unusable"}
 
 
-def test_cost_accounting(compared):
+@pytest.mark.parametrize("label", ["recommended", "recommended+closed_loop"])
+def test_the_recommended_method_is_the_library_pipeline(compared, label):
+    bench, _, result = compared
+    from tqslite.bank import WeightBank
+    from tqslite.pipeline import RECOMMENDED
+    pipeline = RECOMMENDED if label == "recommended" else CLOSED
+    T = result.attrs["probe_horizon"]
+    options = pipeline.options(tqslite.PerGroup(16))
+    bank = WeightBank.build(bench.system, options, tqslite.GPTQ(), bench.calibration)
+    budget = float(result["budget_bits_per_param"].sel(budget="3b/group"))
+    res = run_pipeline(pipeline, bench.system, bench.x_probe, budget, T, granularity=tqslite.PerGroup(16), bank=bank)
+    fc = forecast(res.model, bench.x_eval, result.attrs["eval_lead"])
+    ref = forecast(bench.system, bench.x_eval, result.attrs["eval_lead"])
+    got = result["mse"].sel(scheme=label, budget="3b/group", against="float").values
+    np.testing.assert_allclose(got, ((fc - ref) ** 2).transpose("window", "lead", "variable").values, rtol=1e-12)
+    if label != "recommended":  # the closed loop never made the probe-state fitness worse; its cost is recorded
+        f0, f1 = result["start_fitness"].sel(scheme=label), result["fitness"].sel(scheme=label)
+        assert (f1 <= f0).all() and (result["refine_rollouts"].sel(scheme=label) > 0).all()
+
+
+def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
     _, _, result = compared
-    total = (result["sensitivity_seconds"] + result["table_seconds"].sum("grid")
-             + result["solve_seconds"].sum("budget") + result["quantize_seconds"].sum("budget"))
-    np.testing.assert_allclose(result["point_seconds"], total / len(BUDGETS))
-    assert float(result["point_vs_gptq"].sel(scheme="gptq")) == 1.0
-    assert float(result["sensitivity_seconds"].sel(scheme="tqs")) > 0 and float(result["plain_seconds"]) > 0
-    assert (result["quantize_seconds"].sel(scheme=["gptq", "qep"]) > 0).all()
-    summary = C.cost_summary(result)
-    np.testing.assert_allclose(summary["probe_vs_plain"].sel(scheme="tqs"),
-                               result["sensitivity_seconds"].sel(scheme="tqs") / result["plain_seconds"])
-    assert summary["probe_vs_plain"].sel(scheme=["gptq", "qep", "rtn"]).isnull().all()  # no sensitivity pass
-    # the Hessian pass's traces come with the result, and which of them were floored
-    assert result["hessian_trace"].sizes["unit"] == result.sizes["unit"]
-    assert result["hessian_floored"].dtype == bool
-    # the ranking agreement of one-step scores with TQS is a proper correlation with its interval
-    rho = result["rho_vs_tqs"].sel(scheme="one_step")
-    assert -1 <= float(result["rho_lo"].sel(scheme="one_step")) <= float(rho) <= float(result["rho_hi"].sel(scheme="one_step")) <= 1
+    pairs = C.allocation_gain_pairs(result) + C.headline_pairs(result) + C.quantizer_gain_pairs(result)
+    assert ("tqs+rtn", "none+rtn") in pairs and ("none+gptq", "none+rtn") in pairs
+    assert ("recommended", "none+gptq") in pairs and ("none+gptq@rollout", "none+gptq") in pairs
+    assert ("recommended+closed_loop", "recommended") in pairs
+    table = C.head_to_head(result, pairs, n_resamples=99)
+    ok = C.usable_cells(result)
+    for p, a, b in zip(table["pair"].values, table["a"].values, table["b"].values):
+        both = (ok.sel(scheme=str(a)) & ok.sel(scheme=str(b))).values
+        out = table["outcome"].sel(pair=p).values
+        assert ((out == "unusable") == ~both).all()
+        assert (table["usable_a"].sel(pair=p).values == ok.sel(scheme=str(a)).values).all()
+        assert (table["usable_b"].sel(pair=p).values == ok.sel(scheme=str(b)).values).all()
+    s = C.summarize(table)
+    assert (s["n"] + s["unusable"] + s["unmatched"] == table.sizes["budget"] * table.sizes["variable"]).all()
+    with pytest.raises(ValueError, match="not methods of this result"):
+        C.head_to_head(result, [("nope", "none+rtn")])
 
 
-def fake_result(per_station=False):
-    """mse of a reference and two baselines with known ratios: a is 4x worse, b 4x better."""
-    rng = np.random.default_rng(0)
-    base = rng.uniform(0.5, 2.0, size=(2, 40, 1, 3))  # (budget, window, lead, variable)
-    mse = np.stack([base, 4 * base, base / 4, base.copy()])[:, :, None]  # scheme, budget, against, ...
-    da = xr.DataArray(mse, dims=("scheme", "budget", "against", "window", "lead", "variable"),
-                      coords={"scheme": ["tqs", "a", "b", "same"], "budget": ["3b/channel", "4b/channel"],
-                              "against": ["float"], "lead": [5], "variable": ["x", "y", "z"]})
-    attrs = {"horizon": 5, "per": "variable"}
-    if per_station:
-        da = da.isel(variable=0, drop=True).assign_coords(station=("window", np.repeat(["S1", "S2"], 20)))
-        attrs["per"] = "station"
-    return xr.Dataset({"mse": da, "bits_per_param": (("scheme", "budget"), np.ones((4, 2)))}, attrs=attrs)
-
-
-@pytest.mark.parametrize("per_station", [False, True])
-def test_win_table_known_ratios_and_outcomes(per_station):
-    table = C.win_table(fake_result(per_station), n_boot=200)
-    per = "station" if per_station else "variable"
-    assert table.sizes[per] == (2 if per_station else 3)
-    np.testing.assert_allclose(table["ratio"].sel(baseline="a"), 0.5)  # sqrt(1 / 4): TQS wins
-    np.testing.assert_allclose(table["lo"].sel(baseline="b"), 2.0)     # sqrt(4): TQS loses, in every replicate
-    assert (table["outcome"].sel(baseline="a") == "win").all()
-    assert (table["outcome"].sel(baseline="b") == "loss").all()
-    assert (table["outcome"].sel(baseline="same") == "tie").all()
-    t = C.tally(table)
-    assert int(t["win"].sel(budget="3b/channel", baseline="a")) == table.sizes[per]
-    assert int((t["win"] + t["tie"] + t["loss"]).min()) == table.sizes[per]
-
-
-def test_a_noisy_difference_is_a_tie_not_a_win():
-    res = fake_result()
-    rng = np.random.default_rng(1)
-    noisy = res["mse"].sel(scheme="tqs") * rng.uniform(0.7, 1.3, size=res["mse"].sel(scheme="tqs").shape)
-    res["mse"].loc[dict(scheme="same")] = noisy.values  # same on average, window by window different
-    table = C.win_table(res, n_boot=500)
-    r = table.sel(baseline="same")
-    assert (r["lo"] < 1).all() and (r["hi"] > 1).all() and (r["outcome"] == "tie").all()
+def test_method_labels_and_checks():
+    assert C.recommended_method().label == "recommended" == C.Method("tqs_quant", "gptq").label
+    assert replace(C.recommended_method(), refine="closed_loop").label == "recommended+closed_loop"
+    assert C.recommended_method("rollout").label == "recommended@rollout"
+    assert C.Method("tqs", "gptq", "linear").label == "tqs/linear+gptq"
+    assert C.Method("tqs", "gptq", priced_by="rtn").label == "tqs+gptq(rtn plan)"
+    assert C.Method("none", "gptq", calibration="rollout").label == "none+gptq@rollout"
+    labels = [m.label for m in C.complete_methods()]
+    assert len(labels) == len(set(labels)) and "recommended" in labels
+    with pytest.raises(ValueError, match="score"):
+        C.Method("tqs2")
+    with pytest.raises(ValueError, match="not refined"):
+        C.Method("none", refine="closed_loop")
 
 
 def test_probe_states_of_every_split():
@@ -179,21 +187,54 @@ def test_ranking_stability_reports_the_rank_correlation_of_the_splits_scores():
         C.ranking_stability("timesfm_lite", splits=("validation", "validation"), n=8, horizon=2)
 
 
-def test_the_benchmark_command_writes_win_and_cost_tables(tmp_path):
-    """The command that produces the win and cost tables, from a clean checkout (SMOKE mode)."""
+def test_the_benchmark_command_prints_the_headline_and_writes_tables(tmp_path):
+    """The command that produces every table, from a clean checkout (SMOKE mode, the notebooks' methods)."""
     out = tmp_path / "results"
-    run = subprocess.run([sys.executable, "benchmarks/baselines.py", "--smoke", "--quiet", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=540)
+    run = subprocess.run([sys.executable, "benchmarks/baselines.py", "--smoke", "--quiet", "--methods", "book",
+                          "--models", "timesfm_lite,lorenz96_emulator", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("wins/ties/losses") == 6  # 3 models x (float, truth)
-    cost = xr.load_dataset(out / "cost.nc")
-    assert list(cost["model"].values) == ["pangu_lite", "aurora_lite", "timesfm_lite"]
-    np.testing.assert_allclose(cost["point_vs_gptq"].sel(scheme="gptq"), 1.0)
-    for name in cost["model"].values:
+    assert "The figure that matters" in run.stdout and "allocation gain" in run.stdout
+    for name in ("timesfm_lite", "lorenz96_emulator"):
         wins = xr.load_dataset(out / f"wins_{name}.nc")
-        assert set(np.unique(wins["outcome"].values)) <= {"win", "tie", "loss"}
-        assert set(wins["baseline"].values) == {"tqs_linear", "one_step", "hessian", "range", "random", "gptq", "qep", "rtn"}
+        assert set(np.unique(wins["outcome"].values)) <= {"win", "tie", "loss", "unusable", "unmatched"}
+        assert "recommended vs none+gptq" in wins["pair"].values
         result = xr.load_dataset(out / f"comparison_{name}.nc")
-        short = result["size_shortfall"].sel(scheme=list(C.MIXED))
+        short = result["size_shortfall"].where(result["score"] != "none")
         assert 0 <= float(short.min()) and float(short.max()) <= C.MATCH_TOLERANCE  # matched within 1 %
-        assert (out / f"stability_{name}.nc").is_file()
+
+
+def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
+    # hand-made win tables: known outcomes per budget and variable; a second pair that must be ignored
+    budgets = ["3b/channel", "3b/group", "4b/channel", "8b/channel"]
+    head, other = C.headline_pair(), "tqs+rtn vs none+rtn"
+    outcome = np.array([[["win", "win", "tie"], ["loss", "unusable", "unusable"], ["win", "tie", "unmatched"],
+                         ["loss", "loss", "loss"]],
+                        [["loss"] * 3] * 4], dtype=object)
+    p = np.where(outcome == "win", 1e-4, np.where(outcome == "loss", 0.04, 0.5))
+    ratio = np.where(outcome == "win", 0.5, np.where(outcome == "loss", 1.5, 1.0))
+    dims = ("pair", "budget", "variable")
+    usable_a = outcome != "unusable"
+    usable_a[0, 1, 1] = True                                  # 3b/group, y: only the pipeline is usable
+    usable_b = outcome != "unusable"
+    table = xr.Dataset({"outcome": (dims, outcome.astype(str)), "p": (dims, p), "ratio": (dims, ratio),
+                        "usable_a": (dims, usable_a), "usable_b": (dims, usable_b)},
+                       coords={"pair": [head, other], "budget": budgets, "variable": list("xyz")},
+                       attrs={"ci": 0.95})
+    v = C.verdict({"pangu_lite": table}, bits=(3, 4))
+    assert v["model"].values.tolist() == ["pangu_lite"] and v["bits"].values.tolist() == [3, 4]
+    got = {k: v[k].sel(model="pangu_lite").values.tolist() for k in ("n", "win", "tie", "loss", "unusable",
+                                                                       "unmatched", "holm_win", "holm_loss",
+                                                                       "only_a_usable", "only_b_usable")}
+    # 3 bits: 2 wins, 1 tie, 1 loss counted, 2 unusable; Holm over 4 p-values: 4e-4, 4e-4 reject, 0.04*2 > 0.05 not
+    assert got == dict(n=[4, 2], win=[2, 1], tie=[1, 1], loss=[1, 0], unusable=[2, 0], unmatched=[0, 1],
+                       holm_win=[2, 1], holm_loss=[0, 0], only_a_usable=[1, 0], only_b_usable=[0, 0])
+    table.to_netcdf(tmp_path / "wins_pangu_lite.nc")
+    again = C.verdict(tmp_path, bits=(3, 4))                  # the same counts from the saved table
+    assert all((again[k] == v[k]).all() for k in got)
+    text = C.verdict_sentence(v)
+    assert "won 3, tied 2 and lost 1 of 6 cells counted" in text and "2 more cells were not counted" in text
+    assert "not met" in text                                  # 50% won
+    assert "in 1 of the 2 the default pipeline is usable and uniform GPTQ is not, in 0 the reverse" in text
+    with pytest.raises(ValueError, match="baselines"):
+        C.verdict(tmp_path / "nothing")

@@ -18,12 +18,12 @@ def state(model) -> dict:
 
 def test_the_python_blocks_of_the_readme_run_and_do_what_they_say():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 4, "the checks below follow the README's four Python blocks"
+    assert len(blocks) == 6, "the checks below follow the README's six Python blocks"
     spaces = []
     for code in blocks:
         spaces.append({})
         exec(compile(code, str(README), "exec"), spaces[-1])
-    ten_lines, options, adapter, deployment = spaces
+    ten_lines, recommended, options, adapter, deployment, cluster = spaces
 
     # "budget_bits=4.0", "a quantized copy", "every stored bit counted"
     ns = ten_lines
@@ -33,6 +33,15 @@ def test_the_python_blocks_of_the_readme_run_and_do_what_they_say():
     changed = [n for n, t in state(ns["small"]).items() if not torch.equal(t, state(ns["model"])[n])]
     assert changed, "the quantized copy has other weights than the model"
     assert {c.label for c in ns["uniform"].values()} <= {"int4/group32", "float16", "float"}
+
+    # the recommended pipeline: "within the budget"
+    ns = recommended
+    assert tqslite.plan_size(ns["result"].plan, ns["model"]).bits_per_param <= 4.0
+
+    # the dask cluster: the same scores as one process
+    ns = cluster
+    alone = tqslite.probe(ns["model"], ns["x0"], horizon=20, progress=False)
+    assert (ns["scores"]["gamma"].values == alone["gamma"].values).all()
 
     # "drop a width", "add one", "integer formats only"
     ns = options

@@ -19,12 +19,18 @@ The pieces, one module per job:
 * :mod:`tqslite.stats` -- bootstrap intervals and Spearman agreement;
 * :mod:`tqslite.knapsack` -- the multiple-choice knapsack (exact and greedy);
 * :mod:`tqslite.allocation` -- cost tables priced with any quantizer, allocation, Pareto fronts;
+* :mod:`tqslite.bank` -- a quantizer's weights at every option, computed once for every plan;
+* :mod:`tqslite.refine` -- closed-loop refinement of a plan, judged by measured rollouts;
+* :mod:`tqslite.pipeline` -- the recommended TQS pipeline (:data:`~tqslite.pipeline.RECOMMENDED`);
 * :mod:`tqslite.plans` -- plans ``{unit: configuration}`` as JSON, their size, applying them;
 * :mod:`tqslite.dynamics` -- Lyapunov spectra and finite-time exponents;
 * :mod:`tqslite.evaluation` -- forecasts as xarray, latitude-weighted RMSE, anomaly correlation;
 * :mod:`tqslite.emulators` -- small learned emulators of the reference systems;
 * :mod:`tqslite.baselines` -- the other sensitivity scores TQS is compared with (one-step, Hessian, range, random);
-* :mod:`tqslite.comparison` -- every method at matched size on one model: win and cost tables;
+* :mod:`tqslite.benchmark` -- a shipped model's probe states, evaluation windows and references;
+* :mod:`tqslite.skill` -- the skill-aware horizon rule;
+* :mod:`tqslite.wins` -- one definition of a win: paired bootstrap, Holm's adjustment;
+* :mod:`tqslite.comparison` -- methods as (score, objective, quantizer) triples at matched size;
 * :mod:`tqslite.checkpoint` -- packed checkpoints: a quantized model as a small safetensors file;
 * :mod:`tqslite.onnx_quant` -- low-bit ONNX graphs from a plan, for a stand-in or an existing graph
   (``tqslite.export_quantized`` imports onnx and onnxruntime on first use).
@@ -33,10 +39,12 @@ The pieces, one module per job:
 from .activations import calibrate, probe_activations, quantized_activations
 from .adapters import BlockForecaster, Ensemble, Forced, FunctionSystem, Mask, Normalise, Quantiles
 from .allocation import allocate, cost_table, pareto, predicted_error
+from .bank import WeightBank
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_OPTIONS, Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor, as_config, int_options
 from .dynamics import finite_time_lyapunov, jacobians, lyapunov_spectrum, trajectory
 from .knapsack import InfeasibleBudget, solve_mckp
+from .pipeline import RECOMMENDED, Pipeline, recommended
 from .plans import (Plan, PlanSize, QuantizedModel, ReleaseSize, apply_plan, budget_of, plan_size, quantize,
                     release_size, uniform_plan)
 from .probe import Gaussian, QuantResidual, gamma_at, probe
@@ -61,12 +69,13 @@ def __getattr__(name):
 __all__ = [
     "BlockForecaster", "BlockUnits", "DEFAULT_OPTIONS", "Ensemble", "Float16", "Forced", "FunctionSystem", "GPTQ",
     "Gaussian", "InfeasibleBudget", "Int", "KeepFloat", "Lorenz63", "Lorenz96", "MSEClip", "Mask", "Normalise",
-    "PerChannel", "PerGroup", "PerTensor", "Plan", "PlanSize", "QuantResidual", "Quantiles", "QuantizedModel",
-    "QuantizedTensor", "QuantizedWeights", "Quantizer", "RTN", "ReleaseSize", "TensorUnits", "TorchSystem", "Unit",
-    "WindowedSystem", "allocate", "apply_plan", "as_config", "as_quantizer", "as_system", "bootstrap_gamma",
-    "budget_of", "calibrate", "cost_table", "export_quantized", "finite_time_lyapunov", "format_unit_tree", "gamma_at",
-    "int_options", "jacobians", "load_checkpoint", "lyapunov_spectrum", "make_units", "pareto", "plan_size",
-    "predicted_error", "probe", "probe_activations", "quantize", "quantized_activations", "relative_error",
-    "release_size", "rollout", "rtn_quantize", "save_checkpoint", "solve_mckp", "spearman", "spearman_agreement",
-    "sqnr_db", "storage_bits", "trajectory", "uniform_plan", "unit_tree",
+    "PerChannel", "PerGroup", "PerTensor", "Pipeline", "Plan", "PlanSize", "QuantResidual", "Quantiles",
+    "QuantizedModel", "QuantizedTensor", "QuantizedWeights", "Quantizer", "RECOMMENDED", "RTN", "ReleaseSize",
+    "TensorUnits", "TorchSystem", "Unit", "WeightBank", "WindowedSystem", "allocate", "apply_plan", "as_config",
+    "as_quantizer", "as_system", "bootstrap_gamma", "budget_of", "calibrate", "cost_table", "export_quantized",
+    "finite_time_lyapunov", "format_unit_tree", "gamma_at", "int_options", "jacobians", "load_checkpoint",
+    "lyapunov_spectrum", "make_units", "pareto", "plan_size", "predicted_error", "probe", "probe_activations",
+    "quantize", "quantized_activations", "recommended", "relative_error", "release_size", "rollout", "rtn_quantize",
+    "save_checkpoint", "solve_mckp", "spearman", "spearman_agreement", "sqnr_db", "storage_bits", "trajectory",
+    "uniform_plan", "unit_tree",
 ]

@@ -1,36 +1,46 @@
-"""Does TQS win? Every method at matched size on one model: rollout errors, win tables, costs.
+"""Does TQS win once the quantizer is fixed? Methods as (score, objective, quantizer) at matched size.
 
-One call of :func:`compare` runs the whole comparison of SPEC section 5 on one model:
+A **method** (SPEC section 5) is a triple -- a sensitivity *score*, the knapsack's *objective*
+and the *quantizer* that prices the options and makes the weights -- written :class:`Method`:
 
-1. **sensitivity passes**, each timed: the TQS probe over a trajectory of ``horizon`` steps,
-   and the baselines' scores (:mod:`tqslite.baselines.scores`): one step only, HAWQ-V2
-   Hessian traces, weight ranges and random;
-2. **budgets**: uniform RTN at each ``(bits, grid)`` of ``budgets`` (default: 2, 3, 4, 6 and 8
-   bits, one scale per output channel or per group of :data:`GROUP_SIZE`) fixes a stored size
-   in bits per parameter, scales counted;
-3. **quantized models** at each budget: ``rtn`` itself, ``gptq`` on the same grid (stored
-   exactly like RTN, so the same size), ``qep`` (GPTQ with QEP's error propagation, ``alpha = 1``,
-   :class:`tqslite.gptq.GPTQ`) likewise, and every score method through the same allocator
-   (:func:`tqslite.allocate`, exact solver, RTN, the quadratic objective -- for the Hessian that
-   is HAWQ-V2's own; and ``tqs_linear``, the TQS scores with the linear objective) at the RTN
-   size on the same grid, never above it (how far below is recorded in ``size_shortfall``);
-4. **rollout errors** at every lead, per evaluation window, against the float model (what
-   quantization adds) and against the truth, per variable (grids) or per station (series);
-5. **costs**: the wall time of each stage, and the time per Pareto point of each method.
+* scores (:data:`SCORES`): ``tqs`` (gamma_gauss over the probe horizon), ``tqs_quant``
+  (gamma_quant: the applied quantizer's own residual at 4 bits), ``one_step`` (TQS at ``T = 1``),
+  ``hessian`` (HAWQ-V2 traces), ``range``, ``random``, and ``none`` (a uniform plan);
+* quantizers (:data:`QUANTIZERS`): ``rtn``, ``gptq`` and ``qep`` (GPTQ with QEP's error
+  propagation, ``alpha = 1``); ``priced_by`` prices the plan with another quantizer than the one
+  applied (the quantizer gain at a fixed allocation); ``calibration="rollout"`` calibrates
+  GPTQ on the float model's rollout of the probe states instead of training states;
+* ``refine``: ``"closed_loop"`` refines the knapsack plan as :data:`tqslite.pipeline.CLOSED_LOOP`
+  does (:func:`tqslite.pipeline.run`: the operating-point re-solve, then the search), and
+  ``"operating_point"`` is its plan after the operating-point step alone.
 
-:func:`win_table` then compares a reference method (TQS) with each other method at each budget
-and variable, with a paired bootstrap over windows: a **win** when the whole interval of the
-error ratio is below 1, a **loss** when it is above 1, a **tie** otherwise (same plan included).
-:func:`ranking_stability` probes one model on different periods and data sets and reports
-Spearman's rho between the rankings, with intervals.
+The library's default pipeline (:data:`tqslite.pipeline.RECOMMENDED`) is the method
+``tqs_quant+gptq``, labelled ``recommended``.
 
-Numbers from these functions are measurements on the shipped stand-in models, not the paper's.
+:func:`run` compares a list of methods on one :class:`~tqslite.benchmark.Benchmark` at each
+budget (:data:`BUDGETS`: the stored size of uniform RTN at 2, 3, 4, 6 and 8 bits with one scale
+per output channel or per group of 32) and shares the work: **one probe per score serves every
+budget**, **one weight bank per quantizer and scale grid serves every plan** (the quantizer runs
+once per option, :class:`~tqslite.bank.WeightBank`), one cost table per (score, objective,
+quantizer, grid), and identical quantized models are rolled out once. The evaluation lead is
+computed by the skill rule (:mod:`tqslite.skill`): the last lead at which the float model beats
+climatology and persistence on the evaluation windows; the probe horizon ``T`` by the same rule
+on the probe states. :func:`run_models` runs several models in parallel processes.
+
+Reading the result: :func:`cell_mse` (errors at the evaluation lead), :func:`usable_cells`
+(added error at most the float model's own), :func:`head_to_head` (the win table of any pairs of
+methods, :mod:`tqslite.wins`), and the pairs of the book's tables: :func:`allocation_gain_pairs`
+(each score against uniform, at a fixed quantizer), :func:`quantizer_gain_pairs` (GPTQ against
+RTN at a fixed allocation), :func:`score_pairs` and :func:`headline_pairs` (the recommended
+pipeline against uniform GPTQ). Numbers from these functions are measurements on the shipped
+stand-ins, not the paper's.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 import numpy as np
@@ -39,144 +49,173 @@ import xarray as xr
 from tqdm import tqdm
 
 from .allocation import allocate, cost_table
+from .bank import WeightBank
 from .baselines.scores import hessian_scores, one_step_scores, random_scores, range_scores
+from .benchmark import Benchmark, benchmark, float_skill, window_mse
 from .config import Int, PerChannel, PerGroup, int_options
+from .evaluation import forecast
 from .gptq import GPTQ
-from .plans import apply_plan, plan_size, uniform_plan
-from .evaluation import _mean, forecast
+from .pipeline import CLOSED_LOOP, RECOMMENDED, Pipeline, rollout_calibration
+from .pipeline import run as run_pipeline
+from .plans import plan_size, uniform_plan
 from .probe import Gaussian, QuantResidual, probe
+from .quantizers import RTN
+from .skill import rmse_per_target, usable
 from .stats import spearman_agreement
-from .systems import as_system, rollout
+from .systems import as_system, swapped
+from .wins import tally, win_table
 
-#: Mixed-precision methods: their scores go through the same allocator.
-MIXED = ("tqs", "tqs_linear", "one_step", "hessian", "range", "random")
-#: The score set and objective of each mixed method (``None``: the library's default, ``quadratic``;
-#: ``tqs_linear`` is the TQS scores with the linear objective).
-SCORED_BY = {m: (m, None) for m in MIXED} | {"tqs_linear": ("tqs", "linear")}
-#: Every method, in the order tables show them.
-METHODS = (*MIXED, "gptq", "qep", "rtn")
-#: Calibration-based methods, on the uniform RTN grid: GPTQ, and GPTQ with QEP's error propagation.
-CALIBRATED = {"gptq": 0.0, "qep": 1.0}
+#: Score sets (``none``: a uniform plan).
+SCORES = ("tqs", "tqs_quant", "one_step", "hessian", "range", "random", "none")
+#: The quantizers of the methods.
+QUANTIZERS = {"rtn": RTN(), "gptq": GPTQ(), "qep": GPTQ(propagation=1.0)}
 #: The budgets, as the uniform RTN settings that fix each size: (bits, grid).
 BUDGETS = tuple((b, g) for g in ("channel", "group") for b in (2, 3, 4, 6, 8))
 #: Group length of the ``group`` grid (tensors it does not divide keep per-channel scales).
 GROUP_SIZE = 32
-#: Bit widths the allocator may give a unit.
-OPTIONS = (2, 3, 4, 5, 6, 8, 16, 32)
+#: Integer widths the allocator may give a unit (plus float16 and float).
+BITS = (2, 3, 4, 5, 6, 8)
+#: Width of the quant probe's residual (``tqs_quant``).
+PROBE_BITS = 4
 #: Largest shortfall of a mixed plan's size below its budget, as a fraction.
 MATCH_TOLERANCE = 0.01
+#: The figure that matters (:func:`verdict`): the three stand-ins, at 3 and 4 bits per parameter.
+STAND_INS = ("pangu_lite", "aurora_lite", "timesfm_lite")
+HEADLINE_BITS = (3, 4)
+#: The goal the issue set for it: at least this share of the counted cells won, at most this share lost.
+GOAL = (0.70, 0.10)
 
 
-#: A quick pass of the same code (notebook 10's SMOKE mode, ``benchmarks/baselines.py --smoke``):
-#: a few windows, a short horizon, two budgets. Its numbers are rough.
-SMOKE_BUDGETS = ((3, "channel"), (4, "group"))
+@dataclass(frozen=True)
+class Method:
+    """A method: (score, objective, quantizer), and how its plan was priced, refined and calibrated.
+
+    Parameters
+    ----------
+    score : str
+        One of :data:`SCORES`.
+    quantizer : str
+        A key of :data:`QUANTIZERS`: what makes the weights.
+    objective : str
+        The knapsack's objective (ignored for ``none``).
+    priced_by : str, optional
+        The quantizer whose residuals priced the options (and, for ``tqs_quant``, whose
+        residual the probe used); default: ``quantizer``.
+    refine : str
+        ``"none"``, ``"closed_loop"`` (:data:`tqslite.pipeline.CLOSED_LOOP`'s refinement of the
+        knapsack plan) or ``"operating_point"`` (its plan after the operating-point step only).
+    calibration : str
+        ``"data"`` (training states) or ``"rollout"`` (the float rollout of the probe states)
+        for a calibration-based quantizer.
+    """
+
+    score: str
+    quantizer: str = "gptq"
+    objective: str = "quadratic"
+    priced_by: str | None = None
+    refine: str = "none"
+    calibration: str = "data"
+
+    def __post_init__(self):
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}: use one of {SCORES}.")
+        for key in ("quantizer", "priced_by"):
+            q = getattr(self, key)
+            if q is not None and q not in QUANTIZERS:
+                raise ValueError(f"{key}={q!r}: use one of {sorted(QUANTIZERS)}.")
+        if self.refine not in ("none", "closed_loop", "operating_point"):
+            raise ValueError(f"refine={self.refine!r}: use 'none', 'closed_loop' or 'operating_point'.")
+        if self.calibration not in ("data", "rollout"):
+            raise ValueError(f"calibration={self.calibration!r}: use 'data' or 'rollout'.")
+        if self.score == "none" and self.refine != "none":
+            raise ValueError("a uniform plan (score 'none') is not refined.")
+
+    @property
+    def pricing(self) -> str:
+        return self.priced_by or self.quantizer
+
+    @property
+    def label(self) -> str:
+        """``score[/objective]+quantizer[(plan priced by ...)][+refinement][@rollout]``.
+
+        The library's default pipeline is ``recommended`` (``recommended+closed_loop``,
+        ``recommended@rollout`` for its variants).
+        """
+        if replace(self, refine="none", calibration="data") == recommended_method():
+            text = "recommended"
+        else:
+            text = self.score + ("" if self.objective == "quadratic" or self.score == "none" else f"/{self.objective}")
+            text += f"+{self.quantizer}"
+            if self.priced_by and self.priced_by != self.quantizer:
+                text += f"({self.priced_by} plan)"
+        if self.refine != "none":
+            text += f"+{self.refine}"
+        return text + ("@rollout" if self.calibration == "rollout" else "")
+
+
+def recommended_method(calibration: str = "data", pipeline: Pipeline = RECOMMENDED) -> Method:
+    """The recommended pipeline as a :class:`Method`: its score, objective and GPTQ, refined if it refines."""
+    if not isinstance(pipeline.quantizer, GPTQ) or pipeline.quantizer != QUANTIZERS["gptq"]:
+        raise ValueError(f"the comparison knows GPTQ with its defaults, not {pipeline.quantizer!r}.")
+    score = "tqs_quant" if pipeline.perturbation == "quant" else "tqs"
+    return Method(score, "gptq", pipeline.objective, refine="closed_loop" if pipeline.refine else "none",
+                  calibration=calibration)
+
+
+def uniform(quantizer: str = "gptq") -> Method:
+    """Uniform plan, one quantizer."""
+    return Method("none", quantizer)
+
+
+def complete_methods() -> tuple:
+    """Every method of ``make baselines``: each score under each quantizer, the linear objective,
+    the quantizer gain at a fixed allocation, the recommended pipeline (closed loop and operating
+    point only), and GPTQ calibrated on the model's own rollout."""
+    out = [Method(s, q) for q in QUANTIZERS for s in SCORES]
+    out += [Method("tqs", q, "linear") for q in ("rtn", "gptq")]
+    out += [Method(s, "gptq", priced_by="rtn") for s in SCORES if s != "none"]
+    rec = recommended_method()
+    out += [rec, replace(rec, refine="operating_point"), replace(rec, refine="closed_loop"),
+            Method("none", "gptq", calibration="rollout"), recommended_method("rollout")]
+    return tuple(dict.fromkeys(out))
+
+
+def book_methods() -> tuple:
+    """Notebook 10's set: uniform RTN and GPTQ, TQS under RTN and RTN's TQS plan under GPTQ, TQS with
+    Gaussian noise, one-step and Hessian scores under GPTQ, and the recommended pipeline."""
+    return (uniform("rtn"), uniform("gptq"), Method("tqs", "rtn"), Method("tqs", "gptq", priced_by="rtn"),
+            Method("tqs", "gptq"), Method("one_step", "gptq"), Method("hessian", "gptq"), recommended_method())
+
+
+def closed_loop_methods() -> tuple:
+    """Notebook 11's set: the recommended pipeline, its operating-point step and closed loop, and GPTQ
+    calibrated on the model's own rollout (uniform and recommended) against on data."""
+    rec = recommended_method()
+    return (uniform("gptq"), rec, replace(rec, refine="operating_point"), replace(rec, refine="closed_loop"),
+            Method("none", "gptq", calibration="rollout"), recommended_method("rollout"))
 
 
 def smoke_settings(name: str) -> dict:
-    """:func:`benchmark` keyword arguments of the quick SMOKE pass for shipped model ``name``."""
+    """:func:`tqslite.benchmark.benchmark` keyword arguments of the quick SMOKE pass for model ``name``."""
     from .models import module_of
-    quick = dict(horizon=4, n_probe=4, n_eval=8, n_calibration=16, n_loss_batches=1, loss_batch_size=8)
-    return quick | (dict(n_probe=32, n_eval=96) if module_of(name).LAYOUT == "series" else {})
+    layout = module_of(name).LAYOUT
+    quick = dict(max_horizon=4, n_probe=4, n_eval=8, n_calibration=16, n_loss_batches=1, loss_batch_size=8)
+    if layout == "series":
+        quick |= dict(n_probe=32, n_eval=96, max_horizon=2)
+    if layout == "vector":
+        quick |= dict(max_horizon=6, n_eval=16)
+    return quick
 
 
-@dataclass
-class Benchmark:
-    """What a comparison needs for one model, in the model's normalised units.
-
-    Attributes
-    ----------
-    name : str
-        A label for tables (the model's name).
-    system
-        The float model as a system (:func:`tqslite.models.load`); never modified.
-    x_probe : Tensor, ``(N, *S)``
-        Initial states of the probes (e.g. from the validation period).
-    x_eval : DataArray, ``(window, *S)``
-        Initial states of the evaluation (e.g. from held-out data).
-    truth : DataArray, ``(window, lead, *S)``
-        The verifying states at leads ``1..horizon``.
-    horizon : int
-        Probe and evaluation horizon ``T``, in model steps.
-    calibration : Tensor, ``(n, *input)``
-        Inputs of ``system.module`` for GPTQ (training states).
-    loss_batches : list of ``(x, y)``
-        Training pairs for the Hessian traces; ``loss_fn(module, (x, y))`` is the training loss.
-    loss_fn : callable
-    view : callable
-        DataArray -> DataArray: the part of a state that is scored (identity for the grids, the
-        newest patch of a context window for the series).
-    per : str
-        ``"variable"`` (grids) or ``"station"`` (series, a coordinate of ``window``): the tables
-        show one row per value of it.
-    """
-
-    name: str
-    system: object
-    x_probe: torch.Tensor
-    x_eval: xr.DataArray
-    truth: xr.DataArray
-    horizon: int
-    calibration: torch.Tensor
-    loss_batches: list
-    loss_fn: object
-    view: object = field(default=lambda da: da)
-    per: str = "variable"
+#: The closed loop of a SMOKE run: :data:`tqslite.pipeline.CLOSED_LOOP`, short.
+SMOKE_CLOSED_LOOP = replace(CLOSED_LOOP, generations=2, offspring=4, survivors=1, operating_point_levels=1)
+#: The budgets of a SMOKE run.
+SMOKE_BUDGETS = ((3, "channel"), (4, "group"))
 
 
-def benchmark(name: str, horizon: int | None = None, n_probe: int | None = None, n_eval: int | None = None,
-              n_calibration: int = 32, n_loss_batches: int = 4, loss_batch_size: int = 16, seed: int = 0,
-              prep=None) -> Benchmark:
-    """The :class:`Benchmark` of a shipped model, from its shipped data.
+def _budget_label(bits: int, grid: str) -> str:
+    return f"{bits}b/{grid}"
 
-    Probe states come from the validation period, evaluation windows and truth from the held-out
-    data, GPTQ calibration inputs and Hessian training pairs from the training period; the loss
-    is the model's one-step training loss (:mod:`tqslite.train`). Defaults: grids ``T = 12``
-    steps (3 days), 16 probe states, 32 evaluation windows; series ``T = 8`` patches (32 days),
-    256 probe windows, 1200 evaluation windows (100 per station); 32 calibration states (for a
-    grid model, 32 x 2048 grid points feed each convolution: ample for its ``H``, and half the
-    time of 64 for ``aurora_lite``).
-    """
-    from .models import load, module_of
-    from .train import calibration_states, heldout_windows, prepare, probe_states
-
-    module = module_of(name)
-    grid = module.LAYOUT == "grid"
-    horizon = horizon or (12 if grid else 8)
-    n_probe = n_probe or (16 if grid else 256)
-    n_eval = n_eval or (32 if grid else 1200)
-    prep = prep or prepare(name)
-    system, _ = load(name)
-    x_probe = torch.from_numpy(probe_states(name, "validation", n_probe, horizon, seed, prep).values)
-    x_eval, truth = heldout_windows(name, n_eval, horizon, seed, prep)
-    rng = np.random.default_rng(seed)
-    train = torch.from_numpy(prep.train)
-    calibration = calibration_states(name, n_calibration, seed, prep)
-    if grid:
-        x_eval, truth = x_eval.rename(channel="variable"), truth.rename(channel="variable")
-        idx = rng.choice(len(train) - 1, (n_loss_batches, loss_batch_size), replace=False)
-        batches = [(train[i], train[i + 1]) for i in idx]
-        weight = torch.from_numpy(prep.loss_weight)
-
-        def loss_fn(model, batch):  # the grid models' one-step training loss (tqslite.train)
-            x, y = batch
-            return ((model(x) - y) ** 2 * weight).mean()
-
-        return Benchmark(name, system, x_probe, x_eval, truth, horizon, calibration, batches, loss_fn)
-    ctx, patch = module.ARCH["context"], module.ARCH["patch"]
-    idx = rng.choice(len(train), (n_loss_batches, loss_batch_size), replace=False)
-    batches = [(train[i, :ctx], train[i, patch:ctx + patch]) for i in idx]
-
-    def loss_fn(model, batch):  # the series model's training loss: every token's next patch
-        x, y = batch
-        return ((model.forward_all(x) - y.reshape(len(y), -1, patch)) ** 2).mean()
-
-    return Benchmark(name, system, x_probe, x_eval, truth, horizon, calibration, batches, loss_fn,
-                     view=lambda da: da.isel(dim_0=slice(-patch, None)), per="station")
-
-
-# --------------------------------------------------------------------------------------------
-# The stages
-# --------------------------------------------------------------------------------------------
 
 def _timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
@@ -184,288 +223,542 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def sensitivities(bench: Benchmark, units="tensor", kind: str = "gauss", n_hutchinson: int = 16, seed: int = 0,
-                  progress: bool = False, executor=None):
-    """Scores of every mixed-precision method, and the wall seconds of each pass.
+# --------------------------------------------------------------------------------------------
+# Running the grid
+# --------------------------------------------------------------------------------------------
 
-    Returns ``(scores, seconds)``: two dicts keyed by score set (``tqs``, ``one_step``,
-    ``hessian``, ``range``, ``random``; ``tqs_linear`` uses ``tqs``'s). ``tqs`` is the probe of
-    ``kind`` over ``bench.horizon`` steps; ``one_step`` the same probe over one step; the others
-    come from :mod:`tqslite.baselines.scores`. ``executor`` goes to both probes.
-    """
-    common = dict(units=units)
-    perturbation = Gaussian(seed=seed) if kind == "gauss" else QuantResidual(fallback=Gaussian(seed=seed))
-    probe_kw = dict(perturbation=perturbation, progress=progress, executor=executor, **common)
-    passes = {
-        "tqs": lambda: probe(bench.system, bench.x_probe, horizon=bench.horizon, **probe_kw),
-        "one_step": lambda: one_step_scores(bench.system, bench.x_probe, **probe_kw),
-        "hessian": lambda: hessian_scores(bench.system, bench.loss_batches, n_hutchinson, seed, bench.loss_fn, **common),
-        "range": lambda: range_scores(bench.system, **common),
-        "random": lambda: random_scores(bench.system, seed, **common),
-    }
-    scores, seconds = {}, {}
-    for method, run in passes.items():
-        scores[method], seconds[method] = _timed(run)
-    return scores, seconds
+class _Grid:
+    """Shared work of one :func:`run`: score sets, banks, cost tables and plans, each made once."""
 
+    def __init__(self, bench: Benchmark, probe_horizon: int, closed_loop: Pipeline, group_size: int, n_hutchinson: int,
+                 seed: int, progress: bool):
+        self.bench, self.T, self.closed_loop = bench, probe_horizon, closed_loop
+        self.system = bench.system
+        self.scale = {"channel": PerChannel(), "group": PerGroup(group_size)}
+        self.n_hutchinson, self.seed, self.progress = n_hutchinson, seed, progress
+        self.scores, self.banks, self.tables, self.plans, self.refined = {}, {}, {}, {}, {}
+        self.seconds = {}  # stage -> seconds
+        self._rollout_states = None
 
-def _budget_label(bits: int, grid: str) -> str:
-    return f"{bits}b/{grid}"
+    def options(self, grid):
+        return int_options(BITS, self.scale[grid])
 
+    def _time(self, key, fn, *args, **kwargs):
+        out, s = _timed(fn, *args, **kwargs)
+        self.seconds[key] = self.seconds.get(key, 0.0) + s
+        return out
 
-def quantized_models(bench: Benchmark, scores: dict, budgets=BUDGETS, group_size: int = GROUP_SIZE,
-                     options=OPTIONS, gptq_kwargs=None, progress: bool = False):
-    """Every method's quantized copy of the model at every budget.
+    def calibration(self, kind):
+        if kind == "data":
+            return self.bench.calibration
+        if self._rollout_states is None:
+            self._rollout_states = rollout_calibration(self.system, self.bench.x_probe, self.T,
+                                                       n=len(self.bench.calibration), seed=self.seed)
+        return self._rollout_states
 
-    Returns ``(models, info)``: ``models[(method, budget_label)]`` is a system; ``info`` a
-    Dataset with dims ``scheme`` (the methods) and ``budget`` holding ``bits_per_param``,
-    ``quantize_seconds`` (applying a plan, or running GPTQ), ``solve_seconds`` (the allocator)
-    and ``size_shortfall`` (``1 - size / budget``), and ``table_seconds(scheme, grid)`` (pricing
-    the options of a score set, once per grid). ``gptq_kwargs`` go to
-    :class:`tqslite.gptq.GPTQ` (e.g. ``act_order=False``).
-    """
-    system = bench.system
-    budgets = [(int(b), str(g)) for b, g in budgets]
-    labels = [_budget_label(b, g) for b, g in budgets]
-    grids = sorted({g for _, g in budgets})
-    scale = {g: PerGroup(group_size) if g == "group" else PerChannel() for g in grids}
-    bits_options = [b for b in options if b <= 8]
-    setting = {g: int_options(bits_options, scale[g], floats=any(b >= 16 for b in options)) for g in grids}
-    shape = (len(METHODS), len(budgets))
-    bpp, q_sec, s_sec = np.full(shape, np.nan), np.zeros(shape), np.zeros(shape)
-    t_sec = np.zeros((len(METHODS), len(grids)))
-    models = {}
-    tables = {}
-    for m in MIXED:
-        key, objective = SCORED_BY[m]
-        objective = objective or scores[key].attrs.get("objective", "quadratic")
-        for j, g in enumerate(grids):
-            tables[m, g], t_sec[METHODS.index(m), j] = _timed(cost_table, scores[key], system, setting[g], objective)
-    bar = tqdm(total=len(METHODS) * len(budgets), desc=f"{bench.name}: quantized models", disable=not progress)
-    for k, ((bits, g), label) in enumerate(zip(budgets, labels)):
-        uniform = uniform_plan(system, Int(bits, scale[g]))
-        budget_bits = plan_size(uniform, system).bits_per_param
-        for i, m in enumerate(METHODS):
-            if m in CALIBRATED:  # stored exactly like the uniform RTN plan of the same settings
-                gptq = GPTQ(propagation=CALIBRATED[m], **(gptq_kwargs or {}))
-                models[m, label], q_sec[i, k] = _timed(apply_plan, system, uniform, gptq, bench.calibration)
-                bpp[i, k] = budget_bits
+    def bank(self, quantizer, calibration, grid) -> WeightBank:
+        key = (quantizer, calibration if quantizer != "rtn" else "data", grid)
+        if key not in self.banks:
+            self.banks[key] = self._time(f"bank {quantizer}@{key[1]}/{grid}", WeightBank.build, self.system,
+                                         self.options(grid), QUANTIZERS[quantizer], self.calibration(key[1]))
+        return self.banks[key]
+
+    def score(self, method: Method, grid):
+        s = method.score
+        key = s if s != "tqs_quant" else (s, method.pricing, method.calibration, grid)
+        if key in self.scores:
+            return self.scores[key]
+        b, x, gauss = self.bench, self.bench.x_probe, Gaussian(seed=self.seed)
+        if s == "tqs":
+            fn = lambda: probe(self.system, x, horizon=self.T, perturbation=gauss, progress=False)  # noqa: E731
+        elif s == "tqs_quant":
+            bank = self.bank(method.pricing, method.calibration, grid)
+            pert = QuantResidual(Int(PROBE_BITS, self.scale[grid]), bank, fallback=gauss)
+            fn = lambda: probe(self.system, x, horizon=self.T, perturbation=pert, progress=False)  # noqa: E731
+        elif s == "one_step":
+            fn = lambda: one_step_scores(self.system, x, perturbation=gauss, progress=False)  # noqa: E731
+        elif s == "hessian":
+            fn = lambda: hessian_scores(self.system, b.loss_batches, self.n_hutchinson, self.seed,  # noqa: E731
+                                        b.loss_fn)
+        elif s == "range":
+            fn = lambda: range_scores(self.system)  # noqa: E731
+        else:
+            fn = lambda: random_scores(self.system, self.seed)  # noqa: E731
+        self.scores[key] = self._time(f"score {key if isinstance(key, str) else '/'.join(key)}", fn)
+        return self.scores[key]
+
+    def table(self, method: Method, grid):
+        key = (method.score, method.objective, method.pricing, method.calibration, grid)
+        if key not in self.tables:
+            scores = self.score(method, grid)
+            bank = self.bank(method.pricing, method.calibration, grid)
+            self.tables[key] = self._time("tables", cost_table, scores, self.system, self.options(grid),
+                                          method.objective, quantizer=bank)
+        return self.tables[key]
+
+    def plan(self, method: Method, bits: int, grid: str, budget_bits: float):
+        """The method's plan at one budget, and the refinement records (closed loop only)."""
+        if method.score == "none":
+            return uniform_plan(self.system, Int(bits, self.scale[grid]))
+        key = (method.score, method.objective, method.pricing, method.calibration, grid, bits,
+               "closed_loop" if method.refine != "none" else "none")
+        if key not in self.plans:
+            if method.refine == "none":
+                self.plans[key] = self._time("solve", allocate, self.table(method, grid), budget_bits=budget_bits)
             else:
-                plan = uniform
-                if m != "rtn":
-                    plan, s_sec[i, k] = _timed(allocate, tables[m, g], budget_bits=budget_bits)
-                models[m, label], q_sec[i, k] = _timed(apply_plan, system, plan)
-                bpp[i, k] = plan_size(plan, system).bits_per_param
-            bar.update()
-    bar.close()
-    info = xr.Dataset(
-        {
-            "bits_per_param": (("scheme", "budget"), bpp, {"long_name": "stored bits per parameter, scales included"}),
-            "quantize_seconds": (("scheme", "budget"), q_sec),
-            "solve_seconds": (("scheme", "budget"), s_sec),
-            "table_seconds": (("scheme", "grid"), t_sec),
-        },
-        coords={"scheme": list(METHODS), "budget": labels, "bits": ("budget", [b for b, _ in budgets]),
-                "grid_of_budget": ("budget", [g for _, g in budgets]), "grid": grids},
-    )
-    info["budget_bits_per_param"] = ("budget", info["bits_per_param"].sel(scheme="rtn").values)
-    shortfall = 1 - info["bits_per_param"] / info["budget_bits_per_param"]
-    info["size_shortfall"] = shortfall
-    info["size_shortfall"].attrs["long_name"] = "1 - size / budget (0: exactly matched)"
-    return models, info
+                bank = self.bank(method.pricing, method.calibration, grid)
+                res = self._time("closed loop", run_pipeline, self.closed_loop, self.system, self.bench.x_probe,
+                                 budget_bits, self.T, granularity=self.scale[grid], bank=bank,
+                                 scores=self.score(method, grid))
+                self.plans[key] = res.plan
+                self.refined[key] = res
+        if method.refine == "operating_point":
+            steps = [r for r in self.refined[key].refined if "operating_point" in str(r.plan.info.get("refined by"))]
+            return steps[0].plan if steps else self.refined[key].knapsack_plan
+        return self.plans[key]
 
 
-def rollout_errors(bench: Benchmark, models: dict, progress: bool = False) -> xr.DataArray:
-    """Mean squared error per window of every model's rollout, against the float model and the truth.
+def run(bench: Benchmark, methods=None, budgets=BUDGETS, *, closed_loop: Pipeline = CLOSED_LOOP,
+        group_size: int = GROUP_SIZE, n_hutchinson: int = 16, n_boot: int = 1000, seed: int = 0,
+        progress: bool = False) -> xr.Dataset:
+    """Every method at every budget on one benchmark: plans, sizes, rollout errors and costs.
 
-    Returns a DataArray ``mse(scheme, budget, against, window, lead[, variable])``, the spatial
-    mean (latitude-weighted on a grid) of the squared difference in normalised units;
-    ``against`` is ``"float"`` or ``"truth"``. For a series the ``station`` of each window is a
-    coordinate. RMSE over windows is ``sqrt(mse.mean("window"))``.
-    """
-    T = bench.horizon
-
-    def run(system):
-        return bench.view(forecast(system, bench.x_eval, T)).astype("float64")
-
-    float_fc = run(bench.system)
-    refs = {"float": float_fc, "truth": bench.view(bench.truth).astype("float64")}
-    keep = ("window", *[d for d in ("variable",) if d in float_fc.dims])
-    methods = list(dict.fromkeys(m for m, _ in models))
-    labels = list(dict.fromkeys(b for _, b in models))
-    out = None
-    for (m, b), system in tqdm(models.items(), desc=f"{bench.name}: rollouts", disable=not progress):
-        fc = run(system)
-        for a, ref in refs.items():
-            mse = _mean((fc - ref) ** 2, keep).transpose("window", "lead", ...)
-            if out is None:
-                out = xr.DataArray(np.full((len(methods), len(labels), 2, *mse.shape), np.nan),
-                                   dims=("scheme", "budget", "against", *mse.dims),
-                                   coords={"scheme": methods, "budget": labels, "against": list(refs), **mse.coords})
-            out.loc[dict(scheme=m, budget=b, against=a)] = mse.values
-    out.name = "mse"
-    out.attrs = {"long_name": "mean squared rollout error per window (normalised units)", "horizon": T}
-    return out
-
-
-def compare(bench: Benchmark, budgets=BUDGETS, units="tensor", kind: str = "gauss",
-            group_size: int = GROUP_SIZE, options=OPTIONS, n_hutchinson: int = 16, n_boot: int = 1000,
-            seed: int = 0, progress: bool = False, executor=None) -> xr.Dataset:
-    """The whole comparison on one model (see the module docstring); one Dataset, for netCDF.
+    Parameters
+    ----------
+    bench : Benchmark
+    methods : sequence of Method, optional
+        Default :func:`complete_methods`.
+    budgets : sequence of (bits, grid)
+        Uniform RTN settings that fix each size (``grid`` ``"channel"`` or ``"group"``).
+    closed_loop : Pipeline
+        The refinement settings of ``refine="closed_loop"`` and ``"operating_point"`` methods
+        (:data:`tqslite.pipeline.CLOSED_LOOP`).
+    n_hutchinson : int
+        Rademacher vectors per training batch of the Hessian scores.
+    n_boot : int
+        Bootstrap replicates of the Spearman intervals.
 
     Returns
     -------
     xarray.Dataset
-        ``mse(scheme, budget, against, window, lead[, variable])`` (:func:`rollout_errors`) and
-        the float model's own ``float_mse(window, lead[, variable])`` against the truth;
-        ``bits_per_param``, ``size_shortfall`` and the timings of :func:`quantized_models`;
-        ``sensitivity_seconds(scheme)``, ``plain_seconds`` (one float rollout of the probe
-        states over ``T``, best of 3), ``point_seconds(scheme)`` (everything a method spends for all
-        budgets, divided by their number: its time per Pareto point) and ``point_vs_gptq``;
-        ``gamma(scheme, unit)`` the scores (log sensitivities), ``n_params(unit)``, ``hessian_trace(unit)`` and
-        ``hessian_floored(unit)`` (traces <= 0 that were floored), and ``rho_vs_tqs(scheme)`` with
-        ``rho_lo``/``rho_hi``: Spearman's rho of each method's unit ranking against TQS's.
+        Dim ``scheme`` holds the methods' labels (:attr:`Method.label`; not ``method``, a keyword
+        of xarray's ``sel``). ``mse(scheme, budget, against, window, lead[, variable])`` at leads
+        ``1..L`` (``L`` the
+        evaluation lead, ``attrs["eval_lead"]``; ``against`` is ``"float"`` or ``"truth"``);
+        ``float_mse(window, lead[, variable])``, the float model's own error; the skill curves
+        ``eval_skill(forecast, lead)`` and ``probe_skill(forecast, lead)`` (mean RMSE over
+        targets); ``bits_per_param(scheme, budget)``, ``budget_bits_per_param(budget)``,
+        ``size_shortfall``; the closed loop's ``start_fitness`` (the knapsack plan's),
+        ``operating_point_fitness``, ``fitness``, ``refine_rollouts``
+        and ``refine_seconds(scheme, budget)``; ``gamma(score_set, unit)`` and Spearman's
+        ``rho_vs_tqs(score)`` with its interval; the Gaussian probes' curves ``tqs_curve(unit, tqs_lead)``
+        and ``one_step_curve``; every plan as ``config(scheme, budget, plan_unit)`` (configuration
+        labels; :func:`plan_of` rebuilds it); ``stage_seconds(stage)`` (every shared step,
+        timed once) and ``eval_seconds``. ``attrs`` record the settings, ``probe_horizon`` and
+        ``eval_lead``.
     """
-    scores, sens_seconds = sensitivities(bench, units, kind, n_hutchinson=n_hutchinson, seed=seed,
-                                         progress=progress, executor=executor)
-    models, info = quantized_models(bench, scores, budgets, group_size, options, progress=progress)
-    mse = rollout_errors(bench, models, progress)
-    float_mse = rollout_errors(bench, {("float", "none"): bench.system}).sel(
-        scheme="float", budget="none", against="truth", drop=True)
-    system = as_system(bench.system)
-    with system.evaluating():  # what the probe's reference rollout is: no labelling, best of 3
-        plain = min(_timed(rollout, system, bench.x_probe, bench.horizon)[1] for _ in range(3))
-    ds = info.assign(mse=mse, float_mse=float_mse)
+    methods = list(complete_methods() if methods is None else methods)
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"methods must be distinct; repeated: {sorted({x for x in labels if labels.count(x) > 1})}.")
+    budgets = [(int(b), str(g)) for b, g in budgets]
+    eval_skill, probe_skill = float_skill(bench, "eval"), float_skill(bench, "probe")
+    L, T = eval_skill.attrs["horizon"], probe_skill.attrs["horizon"]
+    lead, probe_T = max(L, 1), max(T, 1)  # no skill at all: still measured at lead 1, and flagged by the skill rule
+    if not closed_loop.refine:
+        raise ValueError("closed_loop must be a pipeline that refines (refine=True), e.g. tqslite.pipeline.CLOSED_LOOP.")
+    grid = _Grid(bench, probe_T, closed_loop, group_size, n_hutchinson, seed, progress)
+    system = bench.system
+    x_eval, truth = bench.x_eval, bench.view(bench.truth.sel(lead=slice(1, lead)))
+    t0 = time.perf_counter()
+    float_fc = bench.view(forecast(system, x_eval, lead))
+    eval_seconds = time.perf_counter() - t0
+    refs = {"float": float_fc, "truth": truth}
+    shape = (len(methods), len(budgets))
+    bpp, budget_bpp = np.full(shape, np.nan), np.zeros(len(budgets))
+    fit = {k: np.full(shape, np.nan) for k in ("start_fitness", "operating_point_fitness", "fitness",
+                                               "refine_rollouts", "refine_seconds")}
+    mse, cache, configs = None, {}, {}
+    bar = tqdm(total=len(methods) * len(budgets), desc=f"{bench.name}: methods x budgets", disable=not progress)
+    for k, (bits, g) in enumerate(budgets):
+        budget_bpp[k] = plan_size(uniform_plan(system, Int(bits, grid.scale[g])), system).bits_per_param
+        for i, m in enumerate(methods):
+            plan = grid.plan(m, bits, g, budget_bpp[k])
+            configs[i, k] = {u: c.label for u, c in plan.configs.items()}
+            bpp[i, k] = plan_size(plan, system).bits_per_param
+            if bpp[i, k] > budget_bpp[k] * (1 + 1e-12):
+                raise AssertionError(f"{m.label} at {_budget_label(bits, g)} is over budget: {bpp[i, k]} bits per "
+                                     f"parameter against {budget_bpp[k]}.")
+            if m.refine == "closed_loop":
+                key = (m.score, m.objective, m.pricing, m.calibration, g, bits, "closed_loop")
+                res = grid.refined[key]
+                steps = res.refined
+                if steps:
+                    fit["start_fitness"][i, k], fit["fitness"][i, k] = steps[0].start_fitness, steps[-1].fitness
+                    fit["operating_point_fitness"][i, k] = steps[0].fitness if len(steps) > 1 else np.nan
+                    fit["refine_rollouts"][i, k] = sum(r.rollouts for r in steps)
+                    fit["refine_seconds"][i, k] = sum(r.seconds for r in steps)
+            bank = grid.bank(m.quantizer, m.calibration, g)
+            ident = (id(bank), tuple((u, c.label) for u, c in plan.configs.items()))
+            if ident not in cache:
+                weights = bank.dequantized(system, plan.tensor_configs())
+                t0 = time.perf_counter()
+                with swapped(system, weights):
+                    fc = bench.view(forecast(system, x_eval, lead))
+                eval_seconds += time.perf_counter() - t0
+                cache[ident] = {a: window_mse(fc, r) for a, r in refs.items()}
+            errs = cache[ident]
+            if mse is None:
+                e = errs["float"]
+                mse = xr.DataArray(np.full((*shape, 2, *e.shape), np.nan),
+                                   dims=("scheme", "budget", "against", *e.dims),
+                                   coords={"scheme": labels, "budget": [_budget_label(b, q) for b, q in budgets],
+                                           "against": ["float", "truth"], **e.coords})
+            for a in ("float", "truth"):
+                mse[i, k, ["float", "truth"].index(a)] = errs[a].values
+            bar.update()
+    bar.close()
+    ds = _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds,
+                   n_boot, seed, L, T, group_size, n_hutchinson, closed_loop)
+    units = list(configs[0, 0])
+    ds["config"] = xr.DataArray(
+        np.array([[[configs[i, k][u] for u in units] for k in range(len(budgets))] for i in range(len(methods))],
+                 dtype=object), dims=("scheme", "budget", "plan_unit"), coords={"plan_unit": units},
+        attrs={"long_name": "each unit's configuration in the method's plan (tqslite.config labels)"})
+    return ds
+
+
+def _assemble(bench, methods, budgets, grid, mse, eval_skill, probe_skill, bpp, budget_bpp, fit, eval_seconds, n_boot,
+              seed, L, T, group_size, n_hutchinson, closed_loop) -> xr.Dataset:
+    labels = [m.label for m in methods]
+    blabels = [_budget_label(b, g) for b, g in budgets]
+    dims = ("scheme", "budget")
+    ds = xr.Dataset({"mse": mse}, coords={"scheme": labels, "budget": blabels})
+    ds["mse"].attrs = {"long_name": "mean squared rollout error per window (normalised units)"}
+    ds["float_mse"] = eval_skill["model_mse"].sel(lead=slice(1, mse.sizes["lead"]))
     ds["float_mse"].attrs = {"long_name": "the float model's own mean squared error against the truth, per window"}
-    sens = np.array([sens_seconds[SCORED_BY[m][0]] if m in SCORED_BY else 0.0 for m in METHODS])
-    ds["sensitivity_seconds"] = ("scheme", sens, {"long_name": "wall seconds of the sensitivity pass"})
-    ds["plain_seconds"] = ((), plain, {"long_name": "one float rollout of the probe states over T, best of 3"})
-    total = sens + ds["table_seconds"].sum("grid") + ds["solve_seconds"].sum("budget") + ds["quantize_seconds"].sum("budget")
-    ds["point_seconds"] = total / ds.sizes["budget"]
-    ds["point_seconds"].attrs["long_name"] = "seconds per Pareto point (sensitivity, pricing, solving, quantizing)"
-    ds["point_vs_gptq"] = ds["point_seconds"] / ds["point_seconds"].sel(scheme="gptq")
-    units = scores["tqs"]["unit"].values
-    ds["gamma"] = (("scheme", "unit"), np.array([[float(scores[m]["gamma"].sel(unit=u)) if m in scores else np.nan
-                                                  for u in units] for m in METHODS]))
-    ds = ds.assign_coords(unit=units)
-    ds["n_params"] = ("unit", scores["tqs"]["n_params"].sel(unit=units).values)
-    ds["hessian_trace"] = ("unit", scores["hessian"]["trace"].sel(unit=units).values,
-                           {"long_name": "Hutchinson estimate of tr(H_u) of the training loss"})
-    ds["hessian_floored"] = ("unit", scores["hessian"]["floored"].sel(unit=units).values,
-                             {"long_name": "trace estimate <= 0, floored (tqslite.baselines.hessian_scores)"})
-    rho = {m: spearman_agreement(scores["tqs"], scores[m], n_boot=n_boot, seed=seed) for m in scores if m != "tqs"}
-    for key, name in (("rho", "rho_vs_tqs"), ("lo", "rho_lo"), ("hi", "rho_hi")):
-        ds[name] = ("scheme", [rho[m][key] if m in rho else np.nan for m in METHODS])
-    ds.attrs = dict(model=bench.name, horizon=bench.horizon, per=bench.per, units=str(units), kind=kind,
-                    group_size=group_size, options=list(options), n_probe=len(bench.x_probe),
-                    n_eval=bench.x_eval.sizes["window"], n_hutchinson=n_hutchinson, seed=seed,
+    ds["eval_skill"] = eval_skill["mean_rmse"].rename(lead="skill_lead")
+    ds["probe_skill"] = probe_skill["mean_rmse"].rename(lead="skill_lead")
+    ds["bits_per_param"] = (dims, bpp, {"long_name": "stored bits per parameter, scales included"})
+    ds["budget_bits_per_param"] = ("budget", budget_bpp, {"long_name": "size of uniform RTN at the budget's setting"})
+    ds["size_shortfall"] = 1 - ds["bits_per_param"] / ds["budget_bits_per_param"]
+    ds["size_shortfall"].attrs["long_name"] = "1 - size / budget (0: exactly matched)"
+    ds["bits"] = ("budget", [b for b, _ in budgets])
+    ds["grid"] = ("budget", [g for _, g in budgets])
+    for k, v in fit.items():
+        ds[k] = (dims, v)
+    ds["start_fitness"].attrs["long_name"] = "probe-state fitness of the knapsack plan (closed loop only)"
+    ds["fitness"].attrs["long_name"] = "probe-state fitness after the closed loop (RMS divergence at T)"
+    ds["operating_point_fitness"].attrs["long_name"] = "probe-state fitness after the operating-point step"
+    ds["refine_rollouts"].attrs["long_name"] = "closed-loop cost in full rollouts of the probe states over T"
+    for attr, name in (("score", "score"), ("quantizer", "quantizer"), ("objective", "objective"),
+                       ("pricing", "priced_by"), ("refine", "refine"), ("calibration", "calibration")):
+        ds[name] = ("scheme", [getattr(m, attr) for m in methods])
+    stages = sorted(grid.seconds)
+    ds["stage_seconds"] = xr.DataArray([grid.seconds[s] for s in stages], dims="stage", coords={"stage": stages},
+                                       attrs={"long_name": "wall seconds of each shared step, summed over budgets"})
+    ds["eval_seconds"] = ((), eval_seconds, {"long_name": "wall seconds of the evaluation rollouts"})
+    gauss_sets = {k: v for k, v in grid.scores.items() if isinstance(k, str)}
+    gauss_sets |= {"tqs_quant(" + "/".join(k[1:]) + ")": v for k, v in grid.scores.items() if not isinstance(k, str)}
+    if gauss_sets:
+        units = next(iter(gauss_sets.values()))["unit"].values
+        names = list(gauss_sets)
+        ds["gamma"] = xr.DataArray(np.array([gauss_sets[n]["gamma"].sel(unit=units).values for n in names]),
+                                   dims=("score_set", "unit"), coords={"score_set": names, "unit": units})
+        ds["n_params"] = ("unit", next(iter(gauss_sets.values()))["n_params"].sel(unit=units).values)
+        for n in ("tqs", "one_step"):
+            if n in gauss_sets:
+                ds[f"{n}_curve"] = gauss_sets[n]["curve"].sel(unit=units).rename(lead=f"{n}_lead")
+                ds[f"{n}_curve"].attrs["long_name"] = f"log-amplification Lambda_u(t) of the {n} probe"
+        if "tqs" in gauss_sets:  # windows resampled for probe score sets, units for the others
+            rho = {n: spearman_agreement(gauss_sets["tqs"], gauss_sets[n], n_boot=n_boot, seed=seed)
+                   for n in names if n != "tqs"}
+            for key, name in (("rho", "rho_vs_tqs"), ("lo", "rho_lo"), ("hi", "rho_hi")):
+                ds[name] = ("score_set", [rho[n][key] if n in rho else np.nan for n in names])
+    ds.attrs = dict(model=bench.name, per=bench.per, eval_lead=int(L), probe_horizon=int(T),
+                    n_probe=int(len(bench.x_probe)), n_eval=int(bench.x_eval.sizes["window"]),
+                    n_calibration=int(len(bench.calibration)), group_size=group_size, bits=list(BITS),
+                    probe_bits=PROBE_BITS, n_hutchinson=n_hutchinson, seed=seed, recommended=repr(RECOMMENDED),
+                    closed_loop=repr(closed_loop),
                     torch_threads=torch.get_num_threads(),
                     note="measurements on a tqslite stand-in model, not the paper's numbers")
     return ds
+
+
+def run_named(name: str, methods=None, budgets=BUDGETS, smoke: bool = False, seed: int = 0,
+              progress: bool = False, **kwargs) -> xr.Dataset:
+    """:func:`run` on a shipped model by name (full or SMOKE settings), with one torch thread."""
+    torch.set_num_threads(1)
+    bench = benchmark(name, seed=seed, **(smoke_settings(name) if smoke else {}))
+    if smoke:
+        kwargs = dict(closed_loop=SMOKE_CLOSED_LOOP, n_hutchinson=2, n_boot=100) | kwargs
+    t0 = time.perf_counter()
+    out = run(bench, methods, budgets, seed=seed, progress=progress, **kwargs)
+    out.attrs["wall_seconds"] = time.perf_counter() - t0
+    out.attrs["smoke"] = int(smoke)
+    return out
+
+
+def run_models(names, methods=None, budgets=BUDGETS, smoke: bool = False, seed: int = 0, workers: int = 2,
+               **kwargs) -> dict:
+    """:func:`run_named` for several models in ``workers`` parallel processes (one model each, one thread each).
+
+    ``budgets`` is one list for every model, or ``{name: budgets}``. Models are submitted in the
+    order given; put the slowest first. Returns ``{name: result}``.
+    """
+    per_model = budgets if isinstance(budgets, dict) else dict.fromkeys(names, budgets)
+    if workers <= 1:
+        return {n: run_named(n, methods, per_model[n], smoke, seed, **kwargs) for n in names}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {n: pool.submit(run_named, n, methods, per_model[n], smoke, seed, **kwargs) for n in names}
+        return {n: f.result() for n, f in futures.items()}
 
 
 # --------------------------------------------------------------------------------------------
 # Reading the results
 # --------------------------------------------------------------------------------------------
 
-def _targets(per: str, mse: xr.DataArray):
-    """``[(label, mse over the target's windows)]``: one per variable, or per station."""
-    if per == "station":
-        st = mse["station"].values.astype(str)
-        return [(s, mse.isel(window=np.flatnonzero(st == s))) for s in dict.fromkeys(st)]
-    if "variable" in mse.dims:
-        return [(str(v), mse.sel(variable=v)) for v in mse["variable"].values]
-    return [("all", mse)]
+def plan_of(result: xr.Dataset, scheme: str, budget: str, model):
+    """The plan a method used at a budget, rebuilt from ``config`` for ``model`` (tensor units)."""
+    from .plans import plan_from_configs
+    c = result["config"].sel(scheme=scheme, budget=budget)
+    return plan_from_configs(model, dict(zip(c["plan_unit"].values.tolist(), c.values.tolist())), "tensor",
+                             {"made by": f"comparison: {scheme} at {budget}"})
 
 
-def _rmse_per_target(mse: xr.DataArray, per: str) -> xr.DataArray:
-    """``sqrt`` of the mean over each target's windows, with the target as the last dim."""
-    parts = [np.sqrt(m.mean("window")).expand_dims({per: [t]}) for t, m in _targets(per, mse)]
-    return xr.concat(parts, per).transpose(..., per)
+def target_dim(result: xr.Dataset) -> str:
+    """The dim that holds a result's targets in tables: ``variable``, ``station`` or ``target``."""
+    per = result.attrs["per"]
+    return per if per in ("variable", "station") else "target"
 
 
-def rmse_table(result: xr.Dataset, against: str = "float", lead: int | None = None) -> xr.DataArray:
-    """RMSE at ``lead`` (default: the horizon) per method, budget and variable (or station)."""
-    mse = result["mse"].sel(against=against, lead=lead or result.attrs["horizon"])
-    out = _rmse_per_target(mse, result.attrs.get("per", "variable")).transpose("scheme", "budget", ...)
+def cell_mse(result: xr.Dataset, against: str = "float") -> xr.DataArray:
+    """Errors per window at the evaluation lead: ``(scheme, budget, window[, variable])``."""
+    return result["mse"].sel(against=against, lead=result.sizes["lead"], drop=True)
+
+
+def float_rmse(result: xr.Dataset) -> xr.DataArray:
+    """The float model's own RMSE against the truth at the evaluation lead, per target."""
+    return rmse_per_target(result["float_mse"].sel(lead=result.sizes["lead"], drop=True), result.attrs["per"])
+
+
+def rmse_table(result: xr.Dataset, against: str = "float") -> xr.DataArray:
+    """RMSE at the evaluation lead per method, budget and target."""
+    out = rmse_per_target(cell_mse(result, against), result.attrs["per"]).transpose("scheme", "budget", ...)
     out.name = f"rmse_vs_{against}"
     return out
 
 
-def float_rmse(result: xr.Dataset, lead: int | None = None) -> xr.DataArray:
-    """The float model's own RMSE against the truth at ``lead``, per variable (or station)."""
-    out = _rmse_per_target(result["float_mse"].sel(lead=lead or result.attrs["horizon"]),
-                           result.attrs.get("per", "variable"))
-    out.name = "float_rmse_vs_truth"
+def usable_cells(result: xr.Dataset) -> xr.DataArray:
+    """Whether each method is usable in each cell: added RMSE (against the float model) at most the float
+    model's own RMSE (against the truth), at the evaluation lead (:func:`tqslite.skill.usable`).
+
+    A model without skill at any lead (``eval_lead == 0``) has no usable cell.
+    """
+    added, own = rmse_table(result, "float"), float_rmse(result)
+    ok = xr.DataArray(usable(added.values, own.values), dims=added.dims, coords=added.coords)
+    return ok & (result.attrs["eval_lead"] > 0)
+
+
+def head_to_head(result: xr.Dataset, pairs, against: str = "float", budgets=None, n_resamples: int = 9999,
+                 ci: float = 0.95, seed: int = 0) -> xr.Dataset:
+    """The win table of each pair ``(A, B)`` of method labels, per budget and target (:func:`tqslite.wins.win_table`).
+
+    Sizes must match within 1 % (the budget's RTN size for both); a cell counts only where both
+    methods are usable (:func:`usable_cells`). Returns dims ``pair`` (``"A vs B"``), ``budget``
+    and the target, plus ``a``/``b`` (the labels) along ``pair`` and ``usable_a``/``usable_b``
+    (whether each method is usable in the cell: an unusable cell may still have one usable side).
+    """
+    pairs = [tuple(p) for p in pairs]
+    methods = set(result["scheme"].values.tolist())
+    missing = sorted({x for p in pairs for x in p} - methods)
+    if missing:
+        raise ValueError(f"{missing} are not methods of this result; it has {sorted(methods)}.")
+    sel = {} if budgets is None else {"budget": list(budgets)}
+    mse = cell_mse(result, against).sel(**sel)
+    ok = usable_cells(result).sel(**sel)
+    names = [f"{a} vs {b}" for a, b in pairs]
+    def pick(da, k):  # the k-th method of every pair, along a new dim "pair"
+        return da.sel(scheme=xr.DataArray([p[k] for p in pairs], dims="pair", coords={"pair": names}), drop=True)
+
+    size = result["bits_per_param"].sel(**sel)
+    table = win_table(pick(mse, 0), pick(mse, 1), result.attrs["per"], size_a=pick(size, 0), size_b=pick(size, 1),
+                      usable=pick(ok, 0) & pick(ok, 1),
+                      n_resamples=n_resamples, ci=ci, seed=seed)
+    table = table.assign_coords(a=("pair", [p[0] for p in pairs]), b=("pair", [p[1] for p in pairs]))
+    table["usable_a"], table["usable_b"] = (pick(ok, k).transpose(*table["outcome"].dims) for k in (0, 1))
+    table.attrs.update(model=result.attrs["model"], against=against, eval_lead=result.attrs["eval_lead"])
+    return table
+
+
+def allocation_gain_pairs(result: xr.Dataset) -> list:
+    """Each score against the uniform plan, at a fixed quantizer: ``[(s+q, none+q)]`` present in ``result``."""
+    have = set(result["scheme"].values.tolist())
+    out = []
+    for q in QUANTIZERS:
+        for s in SCORES[:-1]:
+            a, b = Method(s, q).label, uniform(q).label
+            if a in have and b in have:
+                out.append((a, b))
     return out
 
 
-def win_table(result: xr.Dataset, reference: str = "tqs", against: str = "float", lead: int | None = None,
-              n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> xr.Dataset:
-    """The reference method against every other, per budget and variable (or station).
+def quantizer_gain_pairs(result: xr.Dataset) -> list:
+    """GPTQ against RTN at a fixed allocation (the same plan): ``[(s+gptq(rtn plan), s+rtn)]``, the uniform
+    plans included; and QEP against GPTQ on uniform plans."""
+    have = set(result["scheme"].values.tolist())
+    out = [(uniform("gptq").label, uniform("rtn").label), (uniform("qep").label, uniform("gptq").label)]
+    out += [(Method(s, "gptq", priced_by="rtn").label, Method(s, "rtn").label) for s in SCORES[:-1]]
+    return [p for p in out if p[0] in have and p[1] in have]
 
-    The ratio is the reference's RMSE over the other's (below 1: the reference is better). Its
-    interval is a percentile bootstrap over evaluation windows, resampled jointly for both
-    methods (paired). The outcome is ``"win"`` when the interval lies below 1, ``"loss"`` when
-    it lies above, ``"tie"`` otherwise -- including identical plans (ratio exactly 1).
 
-    Returns a Dataset with dims ``budget``, ``baseline`` and the target dim: ``ratio``, ``lo``,
-    ``hi``, ``outcome`` (strings), and the sizes ``bits_per_param(budget)`` of the reference.
+def score_pairs(result: xr.Dataset) -> list:
+    """TQS (both probes) against one-step and Hessian scores, at a fixed quantizer."""
+    have = set(result["scheme"].values.tolist())
+    out = []
+    for q in QUANTIZERS:
+        for s in ("tqs", "tqs_quant"):
+            for o in ("one_step", "hessian"):
+                out.append((Method(s, q).label, Method(o, q).label))
+    return [p for p in out if p[0] in have and p[1] in have]
+
+
+def headline_pairs(result: xr.Dataset) -> list:
+    """The recommended pipeline against uniform GPTQ (the headline); its closed loop and operating-point
+    step against it; GPTQ calibrated on the model's own rollout against on data (those present)."""
+    have = set(result["scheme"].values.tolist())
+    rec = recommended_method()
+    out = [(rec.label, uniform("gptq").label), (replace(rec, refine="closed_loop").label, rec.label),
+           (replace(rec, refine="operating_point").label, rec.label),
+           (recommended_method("rollout").label, rec.label),
+           (Method("none", "gptq", calibration="rollout").label, uniform("gptq").label)]
+    return [p for p in out if p[0] in have and p[1] in have]
+
+
+def budget_bits(label: str) -> int:
+    """The bit width of a budget label: ``"3b/channel"`` -> 3."""
+    try:
+        return int(str(label).split("b/")[0])
+    except ValueError:
+        raise ValueError(f"budget {label!r} is not a budget label like '3b/channel' or '4b/group'.") from None
+
+
+def headline_pair() -> str:
+    """The pair of the figure that matters, as win tables name it: ``"recommended vs none+gptq"``."""
+    return f"{recommended_method().label} vs {uniform('gptq').label}"
+
+
+def verdict(source, models=STAND_INS, bits=HEADLINE_BITS, n_resamples: int = 9999, seed: int = 0) -> xr.Dataset:
+    """The figure that matters: the default pipeline against uniform GPTQ, counted per model and bit width.
+
+    Parameters
+    ----------
+    source : path or dict
+        A folder holding ``wins_MODEL.nc`` (as ``benchmarks/baselines.py`` and notebook 10 write
+        them), or ``{model: win table}`` (:func:`head_to_head` output), or ``{model: result}``
+        (:func:`run` output: the headline pair is then compared here).
+    models : sequence of str
+        Models to count (those absent from ``source`` are left out; at least one must be there).
+    bits : sequence of int
+        Bit widths counted: every budget of that width (both scale grids) is a cell.
+    n_resamples, seed
+        Bootstrap settings, used only when ``source`` holds results rather than win tables.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims ``(model, bits)``: the counts of :func:`tqslite.wins.tally` over the cells (budgets
+        of that width x targets) -- ``n`` (wins + ties + losses), ``win``, ``tie``, ``loss``,
+        ``unusable``, ``unmatched``, ``holm_win``, ``holm_loss`` (Holm's family: the counted
+        cells of one model and bit width), and among the unusable cells ``only_a_usable`` (the
+        default pipeline usable, uniform GPTQ not) and ``only_b_usable`` (the reverse; both 0 for
+        win tables without ``usable_a``/``usable_b``). ``attrs``: the pair, the goal and the
+        grid counted.
     """
-    mse = result["mse"].sel(against=against, lead=lead or result.attrs["horizon"])
-    per = result.attrs.get("per", "variable")
-    others = [m for m in result["scheme"].values if m != reference]
-    rng = np.random.default_rng(seed)
-    alpha = (1 - ci) / 2
-    targets = _targets(per, mse)
-    ratio, lo, hi = (np.full((mse.sizes["budget"], len(others), len(targets)), np.nan) for _ in range(3))
-    for t, (_, m) in enumerate(targets):
-        idx = rng.integers(0, m.sizes["window"], size=(n_boot, m.sizes["window"]))
-        ref = m.sel(scheme=reference).transpose("budget", "window").values
-        for o, other in enumerate(others):
-            base = m.sel(scheme=other).transpose("budget", "window").values
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio[:, o, t] = np.sqrt(ref.mean(1) / base.mean(1))
-                boot = np.sqrt(ref[:, idx].mean(-1) / base[:, idx].mean(-1))  # (budget, n_boot)
-            lo[:, o, t], hi[:, o, t] = np.nanquantile(boot, [alpha, 1 - alpha], axis=1)
-    outcome = np.where(hi < 1, "win", np.where(lo > 1, "loss", "tie"))
-    outcome[np.isnan(ratio)] = "tie"
-    dims = ("budget", "baseline", per)
-    coords = {"budget": mse["budget"].values, "baseline": others, per: [t for t, _ in targets]}
-    return xr.Dataset(
-        {"ratio": (dims, ratio, {"long_name": f"RMSE {reference} / RMSE baseline"}), "lo": (dims, lo),
-         "hi": (dims, hi), "outcome": (dims, outcome.astype(object)),
-         "bits_per_param": ("budget", result["bits_per_param"].sel(scheme=reference).values)},
-        coords=coords,
-        attrs=dict(reference=reference, against=against, lead=int(lead or result.attrs["horizon"]), n_boot=n_boot,
-                   ci=ci, seed=seed, model=result.attrs.get("model", "")),
-    )
+    from pathlib import Path
+
+    pair = headline_pair()
+    tables = {}
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        for name in models:
+            f = folder / f"wins_{name}.nc"
+            if f.exists():
+                tables[name] = xr.load_dataset(f)
+    else:
+        for name in models:
+            if name in source:
+                t = source[name]
+                tables[name] = t if "outcome" in t else head_to_head(t, [pair.split(" vs ")], n_resamples=n_resamples,
+                                                                     seed=seed)
+    tables = {n: t for n, t in tables.items() if pair in t["pair"].values}
+    if not tables:
+        where = source if isinstance(source, (str, Path)) else "the dict given"
+        raise ValueError(f"no win table of {pair!r} for {list(models)} in {where}: run benchmarks/baselines.py "
+                         "(or notebook 10) first, or pass comparison.run results.")
+    bits = [int(b) for b in bits]
+    keys = ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss", "only_a_usable",
+            "only_b_usable")
+    counts = {k: np.zeros((len(tables), len(bits)), int) for k in keys}
+    budgets = np.full((len(tables), len(bits)), "", dtype=object)
+    for i, (name, t) in enumerate(tables.items()):
+        t = t.sel(pair=pair)
+        for j, b in enumerate(bits):
+            keep = [x for x in t["budget"].values if budget_bits(x) == b]
+            budgets[i, j] = ", ".join(map(str, keep))
+            if keep:
+                sub = t.sel(budget=keep)
+                c = tally(sub)
+                for k in keys[:-2]:
+                    counts[k][i, j] = int(c[k])
+                if "usable_a" in sub:  # unusable cells where only one side is usable (tables since 2 Dec 2026)
+                    off = (sub["outcome"] == "unusable").values
+                    ua, ub = sub["usable_a"].values.astype(bool), sub["usable_b"].values.astype(bool)
+                    counts["only_a_usable"][i, j] = int((off & ua & ~ub).sum())
+                    counts["only_b_usable"][i, j] = int((off & ub & ~ua).sum())
+    dims = ("model", "bits")
+    out = xr.Dataset({k: (dims, v) for k, v in counts.items()} | {"budgets": (dims, budgets.astype(str))},
+                     coords={"model": list(tables), "bits": bits})
+    out.attrs = dict(pair=pair, goal_won=GOAL[0], goal_lost=GOAL[1], against="float model at the evaluation lead",
+                     note="cells: budgets of each bit width (both scale grids) x targets; unusable and unmatched "
+                          "cells are not counted")
+    return out
 
 
-def tally(table: xr.Dataset) -> xr.Dataset:
-    """Counts of ``win``, ``tie`` and ``loss`` of the reference per budget and baseline."""
-    per = [d for d in table["outcome"].dims if d not in ("budget", "baseline")][0]
-    return xr.Dataset({k: (table["outcome"] == k).sum(per) for k in ("win", "tie", "loss")})
+def verdict_sentence(v: xr.Dataset) -> str:
+    """The verdict of :func:`verdict` in one sentence, every number from ``v`` (Markdown)."""
+    total = {k: int(v[k].sum()) for k in ("n", "win", "tie", "loss", "unusable", "unmatched", "holm_win", "holm_loss")}
+    n = total["n"]
+    met = n > 0 and total["win"] / n >= v.attrs["goal_won"] and total["loss"] / n <= v.attrs["goal_lost"]
+    pct = (lambda k: f"{100 * total[k] / n:.0f}%") if n else (lambda k: "-")
+    text = (f"Against uniform GPTQ at {' and '.join(map(str, v['bits'].values.tolist()))} bits per parameter on "
+            f"{', '.join(f'`{m}`' for m in v['model'].values)}, the default pipeline won {total['win']}, tied "
+            f"{total['tie']} and lost {total['loss']} of {n} cells counted ({pct('win')} won, {pct('loss')} lost; "
+            f"after Holm's adjustment {total['holm_win']} wins and {total['holm_loss']} losses remain)")
+    if total["unusable"]:
+        text += (f"; {total['unusable']} more cells were not counted because a quantized model added more error "
+                 "than the float model's own there (unusable)")
+        none = [(str(m), int(b)) for m in v["model"].values for b in v["bits"].values
+                if int(v["n"].sel(model=m, bits=b)) == 0 and int(v["unusable"].sel(model=m, bits=b)) > 0]
+        if none:
+            text += (": no cell counts for " + ", ".join(f"`{m}` at {b} bits" for m, b in none))
+        a_only, b_only = int(v["only_a_usable"].sum()), int(v["only_b_usable"].sum())
+        if a_only or b_only:
+            text += (f"; in {a_only} of the {total['unusable']} the default pipeline is usable and uniform GPTQ is "
+                     f"not, in {b_only} the reverse")
+    if total["unmatched"]:
+        text += f"; {total['unmatched']} cells were not counted because the two sizes differ by more than 1%"
+    return text + (f". The goal (at least {100 * v.attrs['goal_won']:.0f}% won, at most {100 * v.attrs['goal_lost']:.0f}% "
+                   f"lost) is {'met' if met else 'not met'} on the cells counted.")
 
 
-def cost_summary(result: xr.Dataset) -> xr.Dataset:
-    """The cost table of one comparison: per method, seconds and ratios measured in the same run.
-
-    ``sensitivity_seconds`` (the TQS probe and each baseline's pass), ``probe_vs_plain`` (a
-    pass over the wall time of one float rollout of the same states: what the probe costs in
-    units of plain inference), ``quantize_seconds_mean`` (per budget: GPTQ per budget, or
-    applying a plan), ``point_seconds`` and ``point_vs_gptq`` (time per Pareto point).
-    """
-    return xr.Dataset({
-        "sensitivity_seconds": result["sensitivity_seconds"],
-        "probe_vs_plain": (result["sensitivity_seconds"] / result["plain_seconds"]).where(
-            result["sensitivity_seconds"] > 0),  # NaN: no sensitivity pass (GPTQ, QEP, RTN)
-        "quantize_seconds_mean": result["quantize_seconds"].mean("budget"),
-        "solve_seconds_mean": result["solve_seconds"].mean("budget"),
-        "point_seconds": result["point_seconds"],
-        "point_vs_gptq": result["point_vs_gptq"],
-    }, attrs={"model": result.attrs.get("model", ""), "n_budgets": result.sizes["budget"],
-              "plain_seconds": float(result["plain_seconds"])})
+def summarize(table: xr.Dataset, by=("pair",)) -> xr.Dataset:
+    """Counts of :func:`tqslite.wins.tally` grouped ``by``, with the median ratio of the counted cells."""
+    counts = tally(table, by=list(by))
+    counted = table["outcome"].isin(["win", "tie", "loss"])
+    rest = [d for d in table["ratio"].dims if d not in by]
+    counts["median_ratio"] = table["ratio"].where(counted).median(rest)
+    return counts
 
 
 def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: int | None = None,
@@ -473,13 +766,9 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
                       n_boot: int = 1000, seed: int = 0, progress: bool = False, prep=None) -> xr.Dataset:
     """Do TQS rankings of a shipped model hold on other data? Probe it on each split and compare.
 
-    ``splits`` are periods of :func:`tqslite.train.probe_states`: for the grid models the
-    validation period and the training period of the main simulation, and ``heldout``, an
-    independent simulation (another data set); for the series model three periods of the
-    station records. Same number of states on each, so the bootstrap resamples windows.
-
-    Returns a Dataset: ``gamma(split, unit)`` and, for every pair of splits (dim ``pair``,
-    e.g. ``"validation~heldout"``), ``rho``, ``lo``, ``hi`` (Spearman, percentile interval).
+    ``splits`` are periods of :func:`tqslite.train.probe_states`. Returns a Dataset:
+    ``gamma(split, unit)`` and, for every pair of splits (dim ``pair``), Spearman's ``rho``,
+    ``lo`` and ``hi`` (percentile interval over windows).
     """
     from .models import load, module_of
     from .train import prepare, probe_states
@@ -507,6 +796,10 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
     )
 
 
-__all__ = ["BUDGETS", "Benchmark", "CALIBRATED", "GROUP_SIZE", "MATCH_TOLERANCE", "METHODS", "MIXED", "OPTIONS",
-           "SCORED_BY", "SMOKE_BUDGETS", "benchmark", "compare", "cost_summary", "float_rmse", "quantized_models",
-           "ranking_stability", "rmse_table", "rollout_errors", "sensitivities", "smoke_settings", "tally", "win_table"]
+__all__ = ["BITS", "BUDGETS", "GOAL", "GROUP_SIZE", "HEADLINE_BITS", "MATCH_TOLERANCE", "STAND_INS", "budget_bits",
+           "headline_pair", "verdict", "verdict_sentence", "Method", "PROBE_BITS", "QUANTIZERS", "SCORES",
+           "SMOKE_BUDGETS", "SMOKE_CLOSED_LOOP", "allocation_gain_pairs", "book_methods", "cell_mse",
+           "closed_loop_methods", "complete_methods", "plan_of", "target_dim",
+           "float_rmse", "head_to_head", "headline_pairs", "quantizer_gain_pairs", "ranking_stability",
+           "recommended_method", "rmse_table", "run", "run_models", "run_named", "score_pairs", "smoke_settings",
+           "summarize", "uniform", "usable_cells"]
