@@ -141,7 +141,7 @@ def kernel_times(path, x, steps) -> dict:
 
 def mixed_plan(name, system, smoke):
     import tqslite
-    from tqslite.train import probe_states
+    from tqslite.splits import probe_states
     x0 = probe_states(name, n=4 if smoke else 8)
     scores = tqslite.probe(system, x0.values, horizon=4 if smoke else 8, units=tqslite.BlockUnits(depth=2),
                            progress=False)
@@ -228,7 +228,7 @@ def main():
     import tqslite
     from tqslite.models import load
     from tqslite.onnx_quant import runtime_ops
-    from tqslite.train import heldout_windows
+    from tqslite.splits import heldout_windows
     torch.set_num_threads(1)
     scaled = (not a.smoke) if a.scaled is None else a.scaled
     rounds, steps = (2, 5) if a.smoke else (a.rounds, a.steps)

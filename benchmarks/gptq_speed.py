@@ -45,7 +45,7 @@ from tqslite.config import Int, PerChannel, PerGroup, int_options  # noqa: E402
 from tqslite.gptq import LAYERS, GPTQ, Hessian  # noqa: E402
 from tqslite.models import load  # noqa: E402
 from tqslite.quantization import rtn_codes  # noqa: E402
-from tqslite.train import calibration_states, probe_states  # noqa: E402
+from tqslite.splits import calibration_states, probe_states  # noqa: E402
 
 OLD_COMMIT = "7d7e836"
 MODELS = ("pangu_lite", "aurora_lite", "timesfm_lite")

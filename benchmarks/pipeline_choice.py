@@ -39,7 +39,7 @@ from tqslite.evaluation import forecast
 from tqslite.models import module_of
 from tqslite.refine import Fidelity, Judge, operating_point, refine
 from tqslite.systems import swapped
-from tqslite.train import prepare
+from tqslite.splits import prepare
 
 
 def development_windows(name: str, prep, horizon: int, n: int, seed: int = 1):

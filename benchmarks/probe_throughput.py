@@ -46,7 +46,7 @@ from tqslite.comparison import BUDGETS, GROUP_SIZE  # noqa: E402
 from tqslite.config import PerChannel, PerGroup, int_options  # noqa: E402
 from tqslite.models import load  # noqa: E402
 from tqslite.sweep import WORKER_ENV  # noqa: E402
-from tqslite.train import calibration_states, probe_states  # noqa: E402
+from tqslite.splits import calibration_states, probe_states  # noqa: E402
 
 STAND_INS = ("pangu_lite", "aurora_lite", "timesfm_lite")
 

@@ -17,7 +17,7 @@ from tqslite.checkpoint import (CheckpointError, checkpoint_sizes, load_checkpoi
 from tqslite.cli import main
 from tqslite.evaluation import forecast
 from tqslite.models import load
-from tqslite.train import heldout_windows
+from tqslite.splits import heldout_windows
 
 torch.set_num_threads(1)
 

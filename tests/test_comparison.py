@@ -165,7 +165,7 @@ def test_method_labels_and_checks():
 
 
 def test_probe_states_of_every_split():
-    from tqslite.train import prepare, probe_states
+    from tqslite.splits import prepare, probe_states
     prep = prepare("timesfm_lite")
     for split in ("train", "validation", "heldout"):
         x = probe_states("timesfm_lite", split, 5, horizon=2, prep=prep)

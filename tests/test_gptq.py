@@ -192,7 +192,7 @@ def test_streaming_the_hessian_equals_one_batch(make):
 def stand_ins():
     """``{name: (module, calibration states)}``: a few training states of each shipped model."""
     from tqslite.models import load, module_of
-    from tqslite.train import prepare
+    from tqslite.splits import prepare
     out = {}
     grid_train = None
     for name in ("pangu_lite", "aurora_lite", "timesfm_lite"):

@@ -10,7 +10,7 @@ import torch
 
 import tqslite
 from tqslite import data as D
-from tqslite import models, train
+from tqslite import models, splits, train
 
 from tqslite.onnx_system import OnnxSystem, export_onnx
 
@@ -127,7 +127,7 @@ def test_shipped_checkpoints_beat_persistence_and_match_their_recorded_skill(nam
     system, meta = loaded[name]
     recorded = meta["skill"]["heldout"]
     if name == "timesfm_lite":
-        states = train.prepare(name).heldout      # the test period of the station records
+        states = splits.prepare(name).heldout      # the test period of the station records
     else:
         states = heldout_states
     # the recorded windows, rolled out over the first leads only (the full horizon is slow)
@@ -166,7 +166,7 @@ def test_retraining_with_the_recorded_seed_reproduces_the_first_steps(name, load
     meta = loaded[name][1]
     rep = meta["reproducibility"]
     assert meta["data"]["sha256"] == D.load_dataset(meta["data"]["dataset"]).attrs["sha256"]
-    _, record = train.fit(name, train.prepare(name), stop_after=rep["check_steps"], progress=False)
+    _, record = train.fit(name, splits.prepare(name), stop_after=rep["check_steps"], progress=False)
     np.testing.assert_allclose(record["loss_first_steps"], meta["loss_first_steps"][:rep["check_steps"]],
                                rtol=rep["rtol"])
 

@@ -19,7 +19,7 @@ from tqslite.onnx_quant import export_quantized, onnx_sizes, quantize_graph, rea
 from tqslite.onnx_system import OnnxSystem
 from tqslite.quantizers import QuantizedWeights
 from tqslite.systems import rollout
-from tqslite.train import heldout_windows
+from tqslite.splits import heldout_windows
 
 torch.set_num_threads(1)
 PANGU_ONNX = "data/checkpoints/pangu_lite.onnx"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tqslite
-from tqslite import models, train
+from tqslite import models, splits, train
 from tqslite.bank import WeightBank
 from tqslite.pipeline import CLOSED_LOOP, RECOMMENDED, Pipeline, recommended, rollout_calibration, run
 from conftest import same_weights, snapshot
@@ -56,7 +56,7 @@ def test_rollout_calibration_is_the_float_models_own_rollout(mlp, x0):
 
 @pytest.fixture(scope="module")
 def emulator():
-    return models.load("lorenz96_emulator"), train.prepare("lorenz96_emulator")
+    return models.load("lorenz96_emulator"), splits.prepare("lorenz96_emulator")
 
 
 def test_its_truth_is_lorenz96_on_the_attractor(emulator):

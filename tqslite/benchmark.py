@@ -139,7 +139,7 @@ def benchmark(name: str, max_horizon: int | None = None, n_probe: int | None = N
     32 x 2048 grid points feed each convolution).
     """
     from .models import load, module_of
-    from .train import calibration_states, prepare, windows
+    from .splits import calibration_states, prepare, windows
 
     module = module_of(name)
     layout = module.LAYOUT

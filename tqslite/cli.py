@@ -99,14 +99,14 @@ def _calibration(a, name):
         import xarray as xr
         values = np.load(a.calibration) if a.calibration.suffix == ".npy" else xr.load_dataarray(a.calibration).values
         return torch.from_numpy(np.asarray(values, dtype=np.float32))
-    from .train import calibration_states
+    from .splits import calibration_states
     return calibration_states(name, a.calibration_states, a.seed)
 
 
 def _cmd_probe(a) -> None:
     import tqslite
     system, _ = _model(a.model, a.backend)
-    from .train import heldout_windows
+    from .splits import heldout_windows
     from .units import BlockUnits
     x0, _ = heldout_windows(a.model, a.windows, a.horizon, a.seed)
     if a.kind == "quant":
@@ -174,7 +174,7 @@ def _example_state(name: str):
     """One held-out state of a shipped model (``(1, *S)``): what an ONNX export traces."""
     import torch
 
-    from .train import heldout_windows
+    from .splits import heldout_windows
     x0, _ = heldout_windows(name, 1, 1)
     return torch.from_numpy(x0.values)
 
@@ -246,7 +246,7 @@ def _cmd_forecast(a) -> None:
 
     from .evaluation import forecast, rmse
     from .models import module_of
-    from .train import heldout_windows
+    from .splits import heldout_windows
     system, name = _deployed(a.file, a.model)
     x0, truth = heldout_windows(name, a.windows, a.horizon, a.seed)
     fc = forecast(system, x0, a.horizon)
@@ -268,7 +268,7 @@ def _cmd_evaluate(a) -> None:
     import tqslite
     from .evaluation import compare_plans
     from .models import module_of
-    from .train import heldout_windows
+    from .splits import heldout_windows
     system, _ = _model(a.model, a.backend)
     x0, truth = heldout_windows(a.model, a.windows, a.horizon, a.seed)
     plans = {p.stem: tqslite.Plan.load(p) for p in a.plans}

@@ -766,12 +766,12 @@ def ranking_stability(name: str, splits=("validation", "heldout", "train"), n: i
                       n_boot: int = 1000, seed: int = 0, progress: bool = False, prep=None) -> xr.Dataset:
     """Do TQS rankings of a shipped model hold on other data? Probe it on each split and compare.
 
-    ``splits`` are periods of :func:`tqslite.train.probe_states`. Returns a Dataset:
+    ``splits`` are periods of :func:`tqslite.splits.probe_states`. Returns a Dataset:
     ``gamma(split, unit)`` and, for every pair of splits (dim ``pair``), Spearman's ``rho``,
     ``lo`` and ``hi`` (percentile interval over windows).
     """
     from .models import load, module_of
-    from .train import prepare, probe_states
+    from .splits import prepare, probe_states
 
     if len(set(splits)) != len(splits) or len(splits) < 2:
         raise ValueError(f"splits={tuple(splits)}: give at least two different periods, none twice.")

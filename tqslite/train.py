@@ -16,11 +16,8 @@ one, so an interrupted run never leaves half a checkpoint over a good one), and 
 * ``data/checkpoints/pangu_lite.onnx`` -- for ``pangu_lite``, its ONNX export
   (:func:`tqslite.onnx_system.export_onnx`).
 
-**Data.** The grid models train on the main Held--Suarez run (``held_suarez``: first 80 % of
-the steps; the next 10 % validate; the last 10 % are not used) and are scored on the independent
-held-out run (``held_suarez_heldout``). ``timesfm_lite`` trains on the Irish wind records of
-1961--1972, validates on 1973--1975 and is scored on 1976--1978. Normalisation statistics come
-from the training period only.
+**Data.** The splits and normalisation of :mod:`tqslite.splits` (:func:`~tqslite.splits.prepare`):
+statistics from the training period only.
 
 **Loss.** Grid models: mean squared error of the predicted state, weighted by ``cos(lat)`` and
 divided per channel by the variance of the 6-hour change (so every variable counts by how
@@ -44,7 +41,6 @@ RMSE over the values of each predicted patch (normalised, and in knots).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -53,7 +49,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,209 +58,15 @@ import xarray as xr
 from . import data as D
 from .models import CHECKPOINT_DIR, EMULATORS, MODELS, module_of, wrap
 from .models.layers import count_parameters
+from .splits import Prepared, prepare
 from .systems import rollout
 
-#: Grid models: shares of the main run's steps for train / validation / test.
-GRID_SPLIT = (0.8, 0.1, 0.1)
-#: The held-out dataset of each training dataset.
-HELDOUT = {"held_suarez": "held_suarez_heldout"}
-#: Series model: last day of the training period and of the validation period.
-SERIES_DATES = ("1972-12-31", "1975-12-31")
 #: Skill evaluation: windows, horizon (model steps) and the leads written to the JSON.
 GRID_EVAL = dict(n_windows=32, horizon=40, leads=(1, 2, 4, 8, 12, 20, 28, 40))
 SERIES_EVAL = dict(n_windows=1200, horizon=8, leads=(1, 2, 3, 4, 5, 6, 7, 8))
 VECTOR_EVAL = dict(n_windows=64, horizon=160, leads=(1, 2, 5, 10, 20, 40, 60, 80, 120, 160))
 #: Per-step losses kept in the JSON for the reproducibility check.
 FIRST_STEPS = 50
-
-
-# --------------------------------------------------------------------------------------------
-# Data preparation
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Prepared:
-    """Everything training and evaluation need for one model, in normalised units.
-
-    ``train`` is a float32 array: states ``(T, C, H, W)`` for the grids, windows
-    ``(n, L + P)`` for the series. ``validation`` and ``heldout`` are DataArrays of the same
-    layout as what :func:`evaluate` takes. ``info`` is what goes into the JSON.
-    """
-
-    name: str
-    train: np.ndarray
-    validation: xr.DataArray
-    heldout: xr.DataArray
-    stats: xr.Dataset
-    info: dict
-    loss_weight: np.ndarray | None = None   # grids: (C, H, 1) = cos-lat weight / tendency variance
-    climatology: object = None              # grids: (C, H, W) array; series: annual-cycle coefficients
-    extra: dict = field(default_factory=dict)
-
-
-def prepare(name: str, data_dir=None) -> Prepared:
-    """Load, split and normalise the data of model ``name`` (statistics from training only)."""
-    module = module_of(name)
-    if module.LAYOUT == "vector":
-        return _prepare_vector(module)
-    return _prepare_grid(module, data_dir) if module.LAYOUT == "grid" else _prepare_series(module, data_dir)
-
-
-def _period(split: xr.Dataset) -> list[str]:
-    return [str(split["time"].values[0])[:19], str(split["time"].values[-1])[:19]]
-
-
-def _prepare_grid(module, data_dir) -> Prepared:
-    ds = D.load_dataset(module.DATASET, data_dir)
-    splits = D.split_time(ds, GRID_SPLIT)
-    stats = D.normalization_stats(splits.train, module.VARIABLES)
-
-    def state(d):
-        return D.stack_grid(D.normalize(d, stats), module.VARIABLES)
-
-    train = state(splits.train)
-    lat = ds["lat"].values
-    w = D.lat_weights(lat)
-    tend = np.diff(train.values, axis=0)
-    tend_var = (tend**2 * w[None, None, :, None]).mean(axis=(0, 2, 3))          # (C,)
-    held = D.load_dataset(HELDOUT[module.DATASET], data_dir)
-    info = dict(
-        dataset=module.DATASET, file=D.DATASETS[module.DATASET].file, sha256=ds.attrs["sha256"],
-        heldout_dataset=HELDOUT[module.DATASET], heldout_file=D.DATASETS[HELDOUT[module.DATASET]].file,
-        heldout_sha256=held.attrs["sha256"], variables=list(module.VARIABLES), lat=[float(x) for x in lat],
-        lon=[float(x) for x in ds["lon"].values], step_hours=6, split_fractions=list(GRID_SPLIT),
-        periods=dict(zip(D.Splits._fields, (_period(s) for s in splits))),
-        tendency_rms=[float(x) for x in np.sqrt(tend_var)],
-        units={v: ds[v].attrs.get("units", "") for v in module.VARIABLES},
-    )
-    return Prepared(module.NAME, np.ascontiguousarray(train.values), state(splits.validation), state(held), stats,
-                    info, loss_weight=(w[None, :, None] / tend_var[:, None, None]).astype(np.float32),
-                    climatology=train.mean("time").values)
-
-
-def _prepare_series(module, data_dir) -> Prepared:
-    arch = module.ARCH
-    var = module.VARIABLES[0]
-    ds = D.load_dataset(module.DATASET, data_dir)
-    splits = D.split_time(ds, dates=SERIES_DATES)
-    stats = D.normalization_stats(splits.train, [var], over="time")
-
-    def series(d):
-        return D.stack_series(D.normalize(d, stats), var)
-
-    train = D.series_windows(series(splits.train), arch["context"] + arch["patch"])
-    info = dict(
-        dataset=module.DATASET, file=D.DATASETS[module.DATASET].file, sha256=ds.attrs["sha256"], variables=[var],
-        stations=[str(s) for s in ds["station"].values], step_days=arch["patch"], split_dates=list(SERIES_DATES),
-        periods=dict(zip(D.Splits._fields, (_period(s) for s in splits))), units={var: ds[var].attrs.get("units", "")},
-    )
-    return Prepared(module.NAME, np.ascontiguousarray(train.values), series(splits.validation), series(splits.test),
-                    stats, info, climatology=D.annual_cycle_fit(series(splits.train)))
-
-
-def _prepare_vector(module) -> Prepared:
-    """A generated system (the Lorenz-96 emulator): its runs, normalised by the training period."""
-    raw = module.runs()
-    mean, std = float(raw["train"].mean()), float(raw["train"].std())
-    stats = xr.Dataset({"x": ("stat", [mean, std])}, coords={"stat": ["mean", "std"]})
-    norm = {k: ((v - mean) / std).astype("float32") for k, v in raw.items()}
-    train = np.ascontiguousarray(norm["train"].values)
-    tend_var = (np.diff(train, axis=0) ** 2).mean()
-    info = dict(dataset=module.DATASET, file=None, generated_by=f"tqslite.models.{module.NAME}.runs()",
-                system=dict(module.SYSTEM), runs=dict(module.DATA),
-                sha256=hashlib.sha256(train.tobytes()).hexdigest(), variables=list(module.VARIABLES),
-                step_time_units=module.SYSTEM["dt"], tendency_rms=float(np.sqrt(tend_var)),
-                periods={k: [int(v["time"].values[0]), int(v["time"].values[-1])] for k, v in raw.items()},
-                units={"x": "1 (Lorenz-96 state)"})
-    return Prepared(module.NAME, train, norm["validation"], norm["heldout"], stats, info,
-                    loss_weight=np.full(train.shape[1], 1.0 / tend_var, dtype=np.float32),
-                    climatology=train.mean(axis=0))
-
-
-#: The periods a model's states can be drawn from (see :func:`probe_states`).
-SPLITS = ("train", "validation", "heldout")
-
-
-def probe_states(name: str, split: str = "validation", n: int = 16, horizon: int = 0, seed: int = 0,
-                 prep: Prepared | None = None) -> xr.DataArray:
-    """``n`` normalised initial states of model ``name`` from one period, for a probe.
-
-    ``split`` is ``"train"``, ``"validation"`` (the default: what probes and allocation use) or
-    ``"heldout"`` (what the evaluation uses). States are evenly spaced, leaving room for
-    ``horizon`` further steps. Grids: ``(window, channel, lat, lon)``; series: context windows
-    ``(window, dim_0)`` with a ``station(window)`` coordinate (none for ``"train"``, whose windows
-    are stored without it). ``prep`` saves reloading the data (:func:`prepare`).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}: use one of {SPLITS}.")
-    prep = prep or prepare(name)
-    module = module_of(name)
-    if module.LAYOUT != "series":  # grids and vectors: states along time
-        if split == "train":
-            ref = prep.validation
-            states = xr.DataArray(prep.train, dims=ref.dims, coords={"time": np.arange(len(prep.train)),
-                                  **{d: ref[d] for d in ref.dims[1:]}})
-        else:
-            states = getattr(prep, split)
-        return D.initial_states(states, n, horizon, seed=seed)
-    ctx, patch = module.ARCH["context"], module.ARCH["patch"]
-    if split == "train":
-        rows = D.window_starts(len(prep.train), 1, n, "even", seed)
-        return xr.DataArray(prep.train[rows, :ctx], dims=("window", "dim_0"))
-    win = D.series_windows(getattr(prep, split), ctx + horizon * patch, n, "even", seed)
-    return win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
-
-
-def calibration_states(name: str, n: int = 32, seed: int = 0, prep: Prepared | None = None) -> torch.Tensor:
-    """``n`` training states of model ``name`` as its module takes them: GPTQ's calibration data.
-
-    Grids: states ``(n, C, lat, lon)`` drawn without replacement from the training period;
-    series: context windows ``(n, L)``. Sorted in time; seeded.
-    """
-    prep = prep or prepare(name)
-    module = module_of(name)
-    rng = np.random.default_rng(seed)
-    train = torch.from_numpy(prep.train)
-    if module.LAYOUT != "series":
-        return train[np.sort(rng.choice(len(train) - 1, n, replace=False))]
-    return train[np.sort(rng.choice(len(train), n, replace=False)), :module.ARCH["context"]]
-
-
-def windows(name: str, split: str, n: int, horizon: int, seed: int = 0, prep: Prepared | None = None):
-    """``n`` initial states of model ``name`` from one period, and the truth that follows each.
-
-    ``split`` is ``"validation"`` or ``"heldout"``. Returns ``(x0, truth)``: ``x0`` a DataArray
-    ``(window, *S)`` (normalised; the same states as :func:`probe_states` with the same ``n`` and
-    ``horizon``), ``truth`` a DataArray ``(window, lead, *S)`` for leads ``1..horizon`` (for the
-    series model, the context windows that the true values would make; score their newest
-    patch). Windows keep their ``start``/``init_time`` (and, for series, ``station``) coordinates.
-    """
-    if split not in ("validation", "heldout"):
-        raise ValueError(f"split={split!r}: windows with their truth come from 'validation' or 'heldout'.")
-    prep = prep or prepare(name)
-    module = module_of(name)
-    states = getattr(prep, split)
-    if module.LAYOUT != "series":
-        win = D.time_windows(states, 1 + horizon, n, "even", seed)
-        x0 = win.isel(step=0, drop=True)
-        truth = win.isel(step=slice(1, None)).rename(step="lead").assign_coords(lead=np.arange(1, horizon + 1))
-        return x0, truth.transpose("window", "lead", ...)
-    ctx, p = module.ARCH["context"], module.ARCH["patch"]
-    win = D.series_windows(states, ctx + horizon * p, n, "even", seed)
-    x0 = win.isel(step=slice(0, ctx)).rename(step="dim_0").drop_vars("dim_0", errors="ignore")
-    truth = xr.concat([win.isel(step=slice((t + 1) * p, ctx + (t + 1) * p)).rename(step="dim_0")
-                       .drop_vars("dim_0", errors="ignore") for t in range(horizon)], dim="lead")
-    return x0, truth.assign_coords(lead=np.arange(1, horizon + 1)).transpose("window", "lead", ...)
-
-
-def heldout_windows(name: str, n: int, horizon: int, seed: int = 0, prep: Prepared | None = None):
-    """``n`` initial states of model ``name`` from its held-out data, and the truth that follows.
-
-    Returns ``(x0, truth)``: ``x0`` a DataArray ``(window, *S)`` (normalised), ``truth`` a
-    DataArray ``(window, lead, *S)`` for leads ``1..horizon`` (for the series model, the context
-    windows that the true values would make; score their newest patch). See :func:`windows`.
-    """
-    return windows(name, "heldout", n, horizon, seed, prep)
 
 
 # --------------------------------------------------------------------------------------------
