@@ -228,3 +228,30 @@ def test_log_axis_labels_plain_numbers():
     fmt = ax.yaxis.get_minor_formatter()
     assert fmt(0.03, 0) == "0.03" and fmt(0.07, 0) == ""
     assert ax.yaxis.get_major_formatter()(0.01, 0) == "0.01"
+
+
+def test_win_report_against_both_references_and_its_rows():
+    mse, own, sizes = hand_made_errors()
+    mse["TQS block @ 3"]["truth"] = mse["uniform 3"]["truth"]  # against the truth both plans are alike
+    report = cpl.win_report(mse, own, sizes, 2, [3], ["block"], "variable")
+    assert list(report["float"].rows["outcome"]) == ["win", "tie", "loss"]
+    assert list(report["truth"].rows["outcome"]) == ["tie", "tie", "tie"]
+    rows = cpl.win_rows(report)
+    assert list(rows["against"]) == ["float model"] * 3 + ["truth"] * 3
+    float_line, truth_line = cpl.win_sentences(report, [3], ["block"], 2, 0.25, "variable")
+    assert float_line.startswith("- Against the float model, at lead 2 (0.5 days), one comparison per variable: "
+                                 "3 bits, TQS block units: TQS 1 win, 1 tie, 1 loss of 3 comparisons")
+    assert "0 wins, 3 ties, 0 losses of 3 comparisons" in truth_line
+
+
+def test_global_rms_is_latitude_weighted_and_checked_against_the_report():
+    lat = np.array([0.0, 60.0])  # weights cos(lat): 1 and 1/2
+    maps = xr.Dataset({"TQS": (("variable", "lat", "lon"), np.array([[[1.0, 1.0], [4.0, 4.0]]]))},
+                      coords={"variable": ["z"], "lat": lat, "lon": [0.0, 180.0]})
+    expected = np.sqrt((1 * 1 + 0.5 * 16) / 1.5)
+    rms = cpl.global_rms(maps)
+    assert float(rms["TQS"].sel(variable="z")) == pytest.approx(expected)
+    reported = xr.DataArray([[expected]], dims=("plan", "variable"), coords={"plan": ["p"], "variable": ["z"]})
+    cpl.global_rms(maps, reported, {"TQS": "p"})
+    with pytest.raises(AssertionError, match="differs from the reported"):
+        cpl.global_rms(maps, reported * 1.01, {"TQS": "p"})

@@ -14,6 +14,7 @@ bit width ``b``; sizes are stored bits per parameter, scales included
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ from . import wins
 from .allocation import allocate, cost_table, predicted_error
 from .benchmark import window_mse
 from .casestudy import Ranking, lead_text, role_of
-from .evaluation import forecast, lat_weights
+from .evaluation import compare_plans, forecast, lat_weights
 from .plans import apply_plan, plan_size, uniform_plan
 from .skill import usable_targets
 from .units import BlockUnits, block_label
@@ -150,14 +151,23 @@ def grid_windows(heldout: xr.DataArray, horizon: int, n_eval: int):
     return x_eval, truth
 
 
-def with_physical(cmp: xr.Dataset, std: xr.DataArray, units: dict) -> xr.Dataset:
-    """Add ``rmse_vs_float_physical`` and ``rmse_vs_truth_physical`` (normalised RMSE times ``std``) in place."""
+def grid_comparison(system, plans: dict, x_eval, truth: xr.DataArray, std: xr.DataArray, units: dict,
+                    model_name: str, step_days: float) -> xr.Dataset:
+    """Every plan and the float model rolled out side by side on a gridded held-out run.
+
+    :func:`tqslite.evaluation.compare_plans` (normalised, latitude-weighted RMSE per plan, lead and
+    variable) plus ``rmse_vs_float_physical`` and ``rmse_vs_truth_physical``: the same times the
+    training standard deviation ``std`` of each variable, in ``units``.
+    """
+    cmp = compare_plans(system, plans, x_eval, int(truth.sizes["lead"]), truth=truth)
     for key in ("rmse_vs_float", "rmse_vs_truth"):
         cmp[f"{key}_physical"] = cmp[key] * std
         cmp[f"{key}_physical"].attrs = {
             "long_name": f"{key} in physical units (latitude-weighted)",
             "units": ", ".join(f"{v}: {units[v]}" for v in std["variable"].values),
         }
+    cmp.attrs = {"model": model_name, "n_eval": int(x_eval.sizes["window"]), "horizon": int(truth.sizes["lead"]),
+                 "data": "held-out run", "lead_hours": 24 * step_days}
     return cmp
 
 
@@ -182,6 +192,14 @@ def errors_at_lead(system, plans: dict, x_eval, truth: xr.DataArray, horizon: in
     return mse, window_mse(float_l, truth.sel(lead=[lead])).isel(lead=0, drop=True)
 
 
+class WinTables(NamedTuple):
+    """What :func:`win_tables` returns; see there."""
+
+    ratios: pd.DataFrame
+    rows: pd.DataFrame
+    tables: dict
+
+
 def win_tables(mse: dict, float_own: xr.DataArray, sizes: dict, eval_lead: int, uniform_bits, granularities,
                per: str, against: str, seed: int = 0):
     """TQS against uniform RTN at the evaluation lead, with the book's one win definition (:mod:`tqslite.wins`).
@@ -204,11 +222,10 @@ def win_tables(mse: dict, float_own: xr.DataArray, sizes: dict, eval_lead: int, 
 
     Returns
     -------
-    ratios : pandas.DataFrame
-        RMSE ratio TQS / uniform, one column ``"TQS {g} / uniform, {b} bits"`` per pair, one row per target.
-    rows : pandas.DataFrame
-        One row per pair and target: ratio, its 95 % interval, outcome and winner.
-    tables : dict
+    WinTables
+        A named tuple: ``ratios``, a DataFrame of the RMSE ratio TQS / uniform with one column
+        ``"TQS {g} / uniform, {b} bits"`` per pair and one row per target; ``rows``, a DataFrame
+        with one row per pair and target (ratio, its 95 % interval, outcome and winner); ``tables``,
         ``{(b, g): wins.win_table(...)}``.
     """
     def usable_plan(name):
@@ -227,7 +244,25 @@ def win_tables(mse: dict, float_own: xr.DataArray, sizes: dict, eval_lead: int, 
                 rows.append({"bits": b, "TQS units": gran, per: k, "ratio": float(t["ratio"].sel({per: k})),
                              "95% low": float(t["lo"].sel({per: k})), "95% high": float(t["hi"].sel({per: k})),
                              "outcome": outcome, "winner": WINNER.get(outcome, "not counted")})
-    return pd.DataFrame(ratios), pd.DataFrame(rows), tables
+    return WinTables(pd.DataFrame(ratios), pd.DataFrame(rows), tables)
+
+
+def win_report(mse: dict, float_own: xr.DataArray, sizes: dict, eval_lead: int, uniform_bits, granularities,
+               per: str, seed: int = 0) -> dict:
+    """:func:`win_tables` against the float model and against the truth: ``{"float": (...), "truth": (...)}``."""
+    return {against: win_tables(mse, float_own, sizes, eval_lead, uniform_bits, granularities, per, against, seed)
+            for against in ("float", "truth")}
+
+
+def win_rows(report: dict) -> pd.DataFrame:
+    """The rows of both :func:`win_report` tables, with a column ``against`` (``"float model"`` or ``"truth"``)."""
+    return pd.concat([report["float"].rows.assign(against="float model"), report["truth"].rows.assign(against="truth")])
+
+
+def win_sentences(report: dict, uniform_bits, granularities, lead: int, step_days: float, per: str) -> list[str]:
+    """:func:`win_sentence` against the float model and against the truth, from a :func:`win_report`."""
+    return [win_sentence(label, report[k].tables, report[k].ratios, uniform_bits, granularities, lead, step_days, per)
+            for label, k in (("the float model", "float"), ("the truth", "truth"))]
 
 
 def style_ratios(ratios: pd.DataFrame):
@@ -281,10 +316,20 @@ def error_maps(system, plans: dict, map_plans: dict, x_eval, horizon: int, std: 
     return xr.Dataset(maps)
 
 
-def global_rms(maps: xr.Dataset) -> dict:
-    """The latitude-weighted global RMS of each map, per variable: the RMSE :func:`tqslite.evaluation.compare_plans` reports."""
+def global_rms(maps: xr.Dataset, reported: xr.DataArray | None = None, names: dict | None = None) -> dict:
+    """The latitude-weighted global RMS of each map, per variable: ``{key: (variable,)}``.
+
+    It is the RMSE that :func:`tqslite.evaluation.compare_plans` reports; given that report at the
+    maps' lead, ``reported(plan, variable)``, and ``names`` (``{key: plan name}``), every map is
+    checked against it (relative tolerance 1e-4) and a mismatch raises ``AssertionError``.
+    """
     w = lat_weights(maps["lat"])
-    return {k: np.sqrt((maps[k] ** 2).weighted(w).mean(("lat", "lon"))) for k in maps.data_vars}
+    rms = {k: np.sqrt((maps[k] ** 2).weighted(w).mean(("lat", "lon"))) for k in maps.data_vars}
+    for k, n in (names or {}).items():
+        check = reported.sel(plan=n)
+        if not np.allclose(rms[k], check, rtol=1e-4):
+            raise AssertionError(f"map {k!r}: global RMS {rms[k].values} differs from the reported {check.values}")
+    return rms
 
 
 def zonal_lines(maps: xr.Dataset, rms: dict, variables) -> list[str]:
@@ -325,6 +370,7 @@ def summary_lines(model_name: str, n_params: int, skill_gap: float, rank: Rankin
 
 __all__ = [
     "WINNER",
+    "WinTables",
     "bit_share",
     "bits_per_block",
     "bits_per_param",
@@ -333,6 +379,7 @@ __all__ = [
     "error_maps",
     "errors_at_lead",
     "global_rms",
+    "grid_comparison",
     "grid_windows",
     "matched_plans",
     "plan_file",
@@ -341,7 +388,9 @@ __all__ = [
     "summary_lines",
     "unit_params",
     "win_sentence",
+    "win_report",
+    "win_rows",
+    "win_sentences",
     "win_tables",
-    "with_physical",
     "zonal_lines",
 ]
