@@ -49,7 +49,8 @@ RECORDED = {"leads": [1, 2, 3], "n_windows": 5,
 
 def skill_of(model, clim, pers):
     return xr.Dataset({"rmse": (("forecast", "lead"), np.array([model, clim, pers]))},
-                      coords={"forecast": ["model", "climatology", "persistence"], "lead": np.arange(1, len(model) + 1)})
+                      coords={"forecast": ["model", "climatology", "persistence"],
+                              "lead": np.arange(1, len(model) + 1)})
 
 
 def test_skill_check_and_leading_runs():
@@ -255,3 +256,24 @@ def test_global_rms_is_latitude_weighted_and_checked_against_the_report():
     cpl.global_rms(maps, reported, {"TQS": "p"})
     with pytest.raises(AssertionError, match="differs from the reported"):
         cpl.global_rms(maps, reported * 1.01, {"TQS": "p"})
+
+
+def test_physical_skill_reads_the_recorded_lead():
+    recorded = {"leads": [1, 2], "rmse_normalised": {"model": [0, 0], "persistence": [0, 0]},
+                "rmse_physical": {"z": {"model": [10.0, 20.0], "persistence": [30.0, 40.0]}}}
+    t = cs.physical_skill(recorded, ["z"], {"z": "m"}, 2)
+    assert t.loc["z"].to_dict() == {"units": "m", "model": 20.0, "persistence": 40.0}
+
+
+def test_summary_lines_from_hand_made_results():
+    mse, own, sizes = hand_made_errors()
+    report = cpl.win_report(mse, own, sizes, 2, [3], ["block"], "variable")
+    rank = cs.Ranking(boot_table([0.5, 0.1], [0.4, 0.0], [0.6, 0.2], ["inner", "input"]), "g")
+    match = pd.DataFrame({"size difference %": [-0.25, 0.5]})
+    lines = cpl.summary_lines("m", 1234, 5e-7, rank, match, report["float"].tables, [3], ["block"], 2, "variable",
+                              {"block": 1.2}, 3.4, 56.0, True)
+    assert lines[0] == "- `m`: 1,234 parameters; recorded and recomputed skill differ by at most 5.0e-07."
+    assert lines[1].startswith("- Most sensitive block: `u0` (inner), g = 0.500 [0.400, 0.600]; least: `u1`")
+    assert lines[2] == "- Sizes of TQS and uniform plans agree within 0.50%."
+    assert "TQS wins 1, ties 1 and loses 1 of 3 variables" in lines[3]
+    assert lines[-1] == "- Probe: block 1 s; evaluation rollouts 3 s; the whole notebook 56 s (SMOKE run)."

@@ -302,7 +302,10 @@ class Ranking:
         return f"{bt.loc[u, g]:.3f} [{bt.loc[u, '95% low']:.3f}, {bt.loc[u, '95% high']:.3f}]"
 
     def lines(self, shares: pd.Series, tensors: pd.DataFrame | None = None) -> list[str]:
-        """Markdown bullets on the ranking; ``shares`` from :func:`role_share`, ``tensors`` from :func:`tensor_table`."""
+        """Markdown bullets on the ranking.
+
+        ``shares`` comes from :func:`role_share`, ``tensors`` (optional) from :func:`tensor_table`.
+        """
         bt, g, top, least = self.table, self.gamma_name, self.top, self.least
         lines = [
             f"- The most sensitive block is `{top}` ({bt.loc[top, 'role']}), {g} = {self.with_ci(top)} per step; "

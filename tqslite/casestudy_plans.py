@@ -360,7 +360,8 @@ def summary_lines(model_name: str, n_params: int, skill_gap: float, rank: Rankin
         f"- Sizes of TQS and uniform plans agree within {match['size difference %'].abs().max():.2f}%.",
     ]
     lines += count_lines(tables_float, uniform_bits, granularities, lead, per)
-    lines.append("- These counts are against uniform RTN, the weaker baseline; [chapter 10](10_baselines_and_cost.ipynb) "
+    lines.append("- These counts are against uniform RTN, the weaker baseline; "
+                 "[chapter 10](10_baselines_and_cost.ipynb) "
                  "compares the library's default pipeline with uniform GPTQ on all three stand-ins.")
     lines.append("- Probe: " + ", ".join(f"{g} {s:.0f} s" for g, s in probe_seconds.items())
                  + f"; evaluation rollouts {compare_seconds:.0f} s; the whole notebook {total_seconds:.0f} s"
