@@ -45,7 +45,7 @@ import xarray as xr
 
 from tqslite import comparison as C
 from tqslite import wins as W
-from tqslite.cli import _write_atomic
+from tqslite.files import write_atomic
 from tqslite.models import EMULATORS, MODELS
 
 #: The three stand-ins and the bit widths of the headline figure (:func:`tqslite.comparison.verdict`).
@@ -126,7 +126,7 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
         print("\nSpearman rho of each score set's unit ranking against TQS's (gamma_gauss), 95% interval:")
         print(rho.round(3).to_string())
     st = result["stage_seconds"].to_pandas()
-    print(f"\nwall seconds of the shared steps (one thread): " + "; ".join(f"{k} {v:.1f}" for k, v in st.items())
+    print("\nwall seconds of the shared steps (one thread): " + "; ".join(f"{k} {v:.1f}" for k, v in st.items())
           + f"; evaluation rollouts {float(result['eval_seconds']):.1f}; whole model "
           f"{result.attrs.get('wall_seconds', float('nan')):.0f}")
 
@@ -202,8 +202,8 @@ def main(argv=None) -> int:
             name = futures[f]
             results[name] = f.result()
             wins[name] = wins_of(results[name], n_resamples, a.seed)
-            _write_atomic(a.out / f"comparison_{name}.nc", results[name].to_netcdf)
-            _write_atomic(a.out / f"wins_{name}.nc", wins[name].to_netcdf)
+            write_atomic(a.out / f"comparison_{name}.nc", results[name].to_netcdf)
+            write_atomic(a.out / f"wins_{name}.nc", wins[name].to_netcdf)
             print(f"{name}: done after {time.perf_counter() - t0:.0f} s", flush=True)
     for name in models:
         print_model(results[name], wins[name])

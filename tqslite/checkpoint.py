@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_atomic
 from .config import Float16, Int, KeepFloat, as_config, parse
 from .plans import Plan, QuantizedModel
 from .quantization import QuantizedTensor, pack_bits, unpack_bits
@@ -168,20 +169,6 @@ def _digest(header: dict, data: bytes) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, blob: bytes) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_checkpoint(quantized, path, model=None, info: Mapping | None = None) -> Path:
     """Write a quantized model as a packed safetensors file (see the module docstring).
 
@@ -254,7 +241,7 @@ def save_checkpoint(quantized, path, model=None, info: Mapping | None = None) ->
     blob = st.save(arrays, metadata=metadata | {"sha256": _digest(header, data)})
     if _split(blob)[1] != data:  # safetensors lays the data out by name and dtype, not by metadata
         raise RuntimeError("safetensors laid out the same tensors differently twice; please report this.")
-    return _write_atomic(Path(path), blob)
+    return write_atomic(path, lambda tmp: tmp.write_bytes(blob))
 
 
 # --------------------------------------------------------------------------------------------

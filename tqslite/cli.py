@@ -27,25 +27,14 @@ itself exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from .files import write_atomic
 
 
 class CommandError(Exception):
     """A problem the user can fix; printed as one line."""
-
-
-def _write_atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _floats(text: str) -> list[float]:
@@ -117,7 +106,7 @@ def _cmd_probe(a) -> None:
     scores = tqslite.probe(system, x0.values, horizon=a.horizon, perturbation=perturbation, units=units,
                            calibration=_calibration(a, a.model) if a.kind == "quant" else None, progress=not a.quiet)
     scores.attrs.update(model=a.model, backend=a.backend)
-    _write_atomic(a.out, scores.to_netcdf)
+    write_atomic(a.out, scores.to_netcdf)
     print(f"scores of {scores.sizes['unit']} units written to {a.out}")
 
 
@@ -157,7 +146,7 @@ def _cmd_allocate(a) -> None:
                             budget_bytes=budget_bytes, options=_options(a), solver=a.solver, objective=a.objective,
                             bottom=a.bottom, fp_budget=a.fp_budget, quantizer=a.quantizer,
                             calibration=_calibration(a, a.model))
-    _write_atomic(a.out, plan.save)
+    write_atomic(a.out, plan.save)
     print(f"plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
 
 
@@ -166,7 +155,7 @@ def _cmd_uniform(a) -> None:
     from .units import BlockUnits
     system, _ = _model(a.model, a.backend)
     plan = tqslite.uniform_plan(system, _config(a), BlockUnits(a.depth) if a.units == "block" else "tensor")
-    _write_atomic(a.out, plan.save)
+    write_atomic(a.out, plan.save)
     print(f"uniform {_config(a).label} plan for {len(plan)} units ({_sizes(plan, system)}) written to {a.out}")
 
 
@@ -193,7 +182,7 @@ def _cmd_quantize(a) -> None:
         print(f"  {name}: RTN ({reason})")
     info = {"model": a.model, "plan": str(a.plan), "quantizer": a.quantizer}
     if a.out.suffix == ".pt":  # the fake-quant state_dict, as large as the float one
-        _write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
+        write_atomic(a.out, lambda p: torch.save(qm.model.module.state_dict(), p))
         print(f"quantized state_dict written to {a.out} (weights dequantized on the {a.quantizer} grid, stored in "
               "float: as large as the original; use --out FILE.safetensors for the packed checkpoint)")
     else:
@@ -253,7 +242,7 @@ def _cmd_forecast(a) -> None:
     ds = xr.Dataset({"forecast": fc, "truth": truth.astype(fc.dtype)})
     ds.attrs.update(model=name, source=str(a.file), windows=a.windows, seed=a.seed,
                     runtime="onnxruntime" if a.file.suffix.lower() == ".onnx" else "torch")
-    _write_atomic(a.out, ds.to_netcdf)
+    write_atomic(a.out, ds.to_netcdf)
     if module_of(name).LAYOUT == "grid":
         err = rmse(fc.isel(lead=-1), truth.isel(lead=-1), keep=())
     else:  # the state is the context window: score the newest patch
@@ -282,7 +271,7 @@ def _cmd_evaluate(a) -> None:
     res = compare_plans(system, plans, x0, a.horizon, truth=truth, keep=keep, view=view, quantizer=a.quantizer,
                         calibration=_calibration(a, a.model))
     res.attrs.update(model=a.model, windows=a.windows, seed=a.seed, quantizer=a.quantizer)
-    _write_atomic(a.out, res.to_netcdf)
+    write_atomic(a.out, res.to_netcdf)
     for name, plan in plans.items():
         print(f"{name}: {_sizes(plan, system)}")
     last = res["rmse_vs_truth"].isel(lead=-1)
@@ -301,7 +290,7 @@ def _cmd_pareto(a) -> None:
     front = tqslite.pareto(scores, system, budgets=a.budgets, solver=a.solver,
                            objective=a.objective, options=_options(a), quantizer=a.quantizer,
                            calibration=_calibration(a, a.model))
-    _write_atomic(a.out, front.to_netcdf)
+    write_atomic(a.out, front.to_netcdf)
     units, labels = units_of(scores), [str(u) for u in front["unit"].values]
     for i, (b, err) in enumerate(zip(front["budget"].values, front["predicted_rss"].values)):
         plan = plan_from_configs(system, dict(zip(labels, front["config"].values[i])), units)

@@ -62,7 +62,7 @@ from .probe import Gaussian, QuantResidual, probe
 from .quantizers import RTN
 from .skill import rmse_per_target, usable
 from .stats import spearman_agreement
-from .systems import as_system, swapped
+from .systems import swapped
 from .wins import tally, win_table
 
 #: Score sets (``none``: a uniform plan).

@@ -69,7 +69,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Float16, Int, KeepFloat, PerChannel, PerGroup, PerTensor
+from .files import write_atomic
+from .config import Float16, KeepFloat, PerChannel, PerGroup, PerTensor
 from .onnx_system import OnnxSystem, export_onnx
 from .plans import Plan, QuantizedModel, quantize
 from .quantization import QuantizedTensor, from_rows, pack_bits
@@ -291,15 +292,7 @@ def _save(proto, path, info: dict | None) -> Path:
         del proto.metadata_props[:]
         proto.metadata_props.extend(props)
         proto.metadata_props.append(onnx.StringStringEntryProto(key=INFO_KEY, value=json.dumps(info, default=str)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
 def read_info(path) -> dict:

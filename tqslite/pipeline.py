@@ -62,7 +62,7 @@ from .gptq import GPTQ
 from .plans import Plan, apply_plan
 from .probe import Gaussian, QuantResidual, probe
 from .quantizers import Quantizer, as_quantizer
-from .refine import Fidelity, Judge, Refined, operating_point, refine
+from .refine import Fidelity, Judge, operating_point, refine
 from .systems import as_system, rollout
 
 

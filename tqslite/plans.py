@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomic
 from .config import Config, KeepFloat, as_config, parse
 from .quantizers import RTN, QuantizedWeights, as_quantizer
 from .systems import as_system
@@ -146,14 +147,7 @@ class Plan(Mapping):
 
     def save(self, path) -> Path:
         """Write the plan as JSON, atomically (a failed write leaves any older file intact)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(self.to_json())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_atomic(path, lambda tmp: tmp.write_text(self.to_json()))
 
     @classmethod
     def load(cls, path) -> Plan:

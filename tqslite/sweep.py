@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .files import write_atomic
+
 #: Written into every sweep file; a file with another value is refused.
 FORMAT = "tqslite-sweep-1"
 
@@ -128,13 +130,7 @@ class SweepFile:
         """Add finished units (a Dataset along dim ``unit``) and rewrite the file atomically."""
         self.done = ds if self.done is None else xr.concat([self.done, ds], "unit")
         out = self.done.assign_attrs(format=FORMAT, **self.identity)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            out.to_netcdf(tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(self.path, out.to_netcdf)
 
 
 # --------------------------------------------------------------------------------------------

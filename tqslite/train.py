@@ -44,10 +44,8 @@ import argparse
 import io
 import json
 import math
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +54,7 @@ import torch
 import xarray as xr
 
 from . import data as D
+from .files import write_atomic
 from .models import CHECKPOINT_DIR, EMULATORS, MODELS, module_of, wrap
 from .models.layers import count_parameters
 from .splits import Prepared, prepare
@@ -345,21 +344,6 @@ def print_skill(name: str, report: dict, which: str) -> None:
 # Writing the files
 # --------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file in ``path``'s folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
     """``torch.save`` of the model's ``state_dict`` as bytes. Saving to a buffer (not to the
     temporary file) keeps the file name out of the archive, so equal weights give equal files."""
@@ -375,7 +359,7 @@ def update_checksums(folder: Path, files) -> None:
     for f in files:
         sums[Path(f).name] = D.sha256_file(f)
     text = "".join(f"{sums[k]}  {k}\n" for k in sorted(sums))
-    _write_atomic(sums_file, lambda p: p.write_text(text))
+    write_atomic(sums_file, lambda p: p.write_text(text))
 
 
 def train(name: str, out_dir=None, data_dir=None, train_cfg: dict | None = None, progress: bool = True) -> dict:
@@ -428,7 +412,7 @@ def train(name: str, out_dir=None, data_dir=None, train_cfg: dict | None = None,
         example = torch.from_numpy(prep.heldout.values[:2])
         files[out_dir / f"{name}.onnx"] = lambda p: export_onnx(model, example, p)
     for path, write in files.items():
-        _write_atomic(path, write)
+        write_atomic(path, write)
     update_checksums(out_dir, list(files))
     print(f"{name}: wrote {', '.join(str(p) for p in files)} ({record['training_seconds']} s of training)", flush=True)
     return meta
