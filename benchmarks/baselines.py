@@ -44,25 +44,26 @@ import torch
 import xarray as xr
 
 from tqslite import comparison as C
+from tqslite import results as R
 from tqslite import wins as W
 from tqslite.files import write_atomic
 from tqslite.models import EMULATORS, MODELS
 
-#: The three stand-ins and the bit widths of the headline figure (:func:`tqslite.comparison.verdict`).
+#: The three stand-ins and the bit widths of the headline figure (:func:`tqslite.results.verdict`).
 STAND_INS, HEADLINE_BITS = C.STAND_INS, C.HEADLINE_BITS
 
 
 def pairs_of(result: xr.Dataset) -> dict:
     """The book's comparisons, by table: ``{table: [(A, B), ...]}`` (those whose methods ran)."""
-    return {"headline": C.headline_pairs(result), "allocation gain": C.allocation_gain_pairs(result),
-            "quantizer gain": C.quantizer_gain_pairs(result), "scores": C.score_pairs(result)}
+    return {"headline": R.headline_pairs(result), "allocation gain": R.allocation_gain_pairs(result),
+            "quantizer gain": R.quantizer_gain_pairs(result), "scores": R.score_pairs(result)}
 
 
 def wins_of(result: xr.Dataset, n_resamples: int, seed: int) -> xr.Dataset:
     """Every pair of :func:`pairs_of` in one win table, with the table each pair belongs to."""
     tables = pairs_of(result)
     pairs = list(dict.fromkeys(p for ps in tables.values() for p in ps))
-    wins = C.head_to_head(result, pairs, n_resamples=n_resamples, seed=seed)
+    wins = R.head_to_head(result, pairs, n_resamples=n_resamples, seed=seed)
     kind = {f"{a} vs {b}": t for t, ps in tables.items() for a, b in ps}
     return wins.assign_coords(table=("pair", [kind[str(p)] for p in wins["pair"].values]))
 
@@ -75,7 +76,7 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
     if "table" not in wins.coords:  # win tables written by notebook 10: label each pair with its table here
         kind = {f"{a} vs {b}": t for t, ps in pairs_of(result).items() for a, b in ps}
         wins = wins.assign_coords(table=("pair", [kind.get(str(p), "other") for p in wins["pair"].values]))
-    name, tdim = result.attrs["model"], C.target_dim(result)
+    name, tdim = result.attrs["model"], R.target_dim(result)
     per = {"variable": "variable", "station": "station"}.get(tdim, "target")
     L, T = result.attrs["eval_lead"], result.attrs["probe_horizon"]
     print(f"\n=== {name}: {result.attrs['n_eval']} held-out windows, {result.attrs['n_probe']} probe states ===")
@@ -88,20 +89,20 @@ def print_model(result: xr.Dataset, wins: xr.Dataset) -> None:
     short = result["size_shortfall"].where(result["score"] != "none")
     print(f"size match: every mixed plan within {100 * float(short.max()):.3f}% below its budget "
           f"(tolerance {100 * C.MATCH_TOLERANCE:.0f}%), never above")
-    rmse = C.rmse_table(result).mean(tdim).to_pandas()
-    ok = C.usable_cells(result).all([d for d in C.usable_cells(result).dims if d not in ("scheme", "budget")])
+    rmse = R.rmse_table(result).mean(tdim).to_pandas()
+    ok = R.usable_cells(result).all([d for d in R.usable_cells(result).dims if d not in ("scheme", "budget")])
     marked = pd.DataFrame([[f"{v:.4f}{'' if ok.sel(scheme=m, budget=b) else '!'}" for b, v in row.items()]
                            for m, row in rmse.iterrows()], index=rmse.index, columns=rmse.columns)
     print(f"\nRMSE against the float model at lead {L}, mean over the {per}s (normalised units; ! marks a method not "
           f"usable in some {per}: added error above the float model's own, "
-          f"{', '.join(f'{v:.3f}' for v in C.float_rmse(result).values[:8])}{'...' if C.float_rmse(result).size > 8 else ''}):")
+          f"{', '.join(f'{v:.3f}' for v in R.float_rmse(result).values[:8])}{'...' if R.float_rmse(result).size > 8 else ''}):")
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(marked.to_string())
     for table in ("headline", "allocation gain", "quantizer gain", "scores"):
         if not (wins["table"] == table).any():
             continue
         sub = wins.isel(pair=np.flatnonzero(wins["table"].values == table))
-        s = C.summarize(sub)
+        s = R.summarize(sub)
         rows = {str(p): [f"{int(s['win'].sel(pair=p))}/{int(s['tie'].sel(pair=p))}/{int(s['loss'].sel(pair=p))} of "
                          f"{int(s['n'].sel(pair=p))}", f"{int(s['holm_win'].sel(pair=p))}/{int(s['holm_loss'].sel(pair=p))}",
                          int(s["unusable"].sel(pair=p)), f"{float(s['median_ratio'].sel(pair=p)):.3f}"]
@@ -135,7 +136,7 @@ def per_budget(table: xr.Dataset) -> pd.DataFrame:
     """Median ratio and won/tied/lost of each pair (rows) at each budget (columns), over the counted targets."""
     cols = {}
     for b in table["budget"].values:
-        s = C.summarize(table.sel(budget=[b]))
+        s = R.summarize(table.sel(budget=[b]))
         cols[str(b)] = [f"{float(s['median_ratio'].sel(pair=p)):.2f} ({int(s['win'].sel(pair=p))}/"
                         f"{int(s['tie'].sel(pair=p))}/{int(s['loss'].sel(pair=p))})" if int(s["n"].sel(pair=p)) else "-"
                         for p in table["pair"].values]
@@ -143,11 +144,11 @@ def per_budget(table: xr.Dataset) -> pd.DataFrame:
 
 
 def print_headline(results: dict, wins: dict) -> None:
-    """The recommended pipeline against uniform GPTQ at 3 and 4 bits on the three stand-ins (:func:`C.verdict`)."""
-    present = [n for n in STAND_INS if n in wins and C.headline_pair() in wins[n]["pair"].values]
+    """The recommended pipeline against uniform GPTQ at 3 and 4 bits on the three stand-ins (:func:`R.verdict`)."""
+    present = [n for n in STAND_INS if n in wins and R.headline_pair() in wins[n]["pair"].values]
     if not present:
         return
-    v = C.verdict(wins, models=present, bits=HEADLINE_BITS)
+    v = R.verdict(wins, models=present, bits=HEADLINE_BITS)
     print(f"\n=== The figure that matters: {C.recommended_method().label} (the default pipeline, {C.RECOMMENDED!r}) "
           f"against uniform GPTQ, at {' and '.join(map(str, HEADLINE_BITS))} bits (channel and group grids), against "
           "the float model at each model's evaluation lead ===")
@@ -158,7 +159,7 @@ def print_headline(results: dict, wins: dict) -> None:
         print(table.rename(columns={"n": "counted", "holm_win": "Holm win", "holm_loss": "Holm loss",
                                     "only_a_usable": "of which only TQS usable",
                                     "only_b_usable": "only uniform usable"}).to_string())
-    print("  " + C.verdict_sentence(v).replace("`", ""))
+    print("  " + R.verdict_sentence(v).replace("`", ""))
 
 
 def main(argv=None) -> int:

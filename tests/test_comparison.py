@@ -14,6 +14,7 @@ from torch import nn
 
 import tqslite
 from tqslite import comparison as C
+from tqslite import results as R
 from tqslite.benchmark import Benchmark, float_skill
 from tqslite.evaluation import forecast
 from tqslite.pipeline import run as run_pipeline
@@ -93,7 +94,7 @@ def test_errors_are_those_of_the_quantized_rollouts(compared):
             expected = ((fc - target) ** 2).transpose("window", "lead", "variable").values
             got = result["mse"].sel(scheme=label, budget="4b/channel", against=against).values
             np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-300)
-    np.testing.assert_allclose(C.float_rmse(result).values,
+    np.testing.assert_allclose(R.float_rmse(result).values,
                                np.sqrt(((ref - bench.truth) ** 2).sel(lead=L).mean("window").values), rtol=1e-12)
 
 
@@ -103,7 +104,7 @@ def test_the_same_plan_and_quantizer_give_the_same_model_and_an_exact_tie(compar
     mse = result["mse"].sel(budget="2b/channel")
     for m in ("recommended", "one_step+gptq", "hessian+gptq", "random+gptq", "recommended+closed_loop"):
         assert np.array_equal(mse.sel(scheme=m), mse.sel(scheme="none+gptq")), m
-    table = C.head_to_head(result, [("recommended", "none+gptq")], budgets=["2b/channel"], n_resamples=99)
+    table = R.head_to_head(result, [("recommended", "none+gptq")], budgets=["2b/channel"], n_resamples=99)
     cell = table.sel(pair="recommended vs none+gptq")
     assert np.allclose(cell["ratio"], 1.0) and np.allclose(cell["lo"], 1.0) and np.allclose(cell["hi"], 1.0)
     assert set(cell["outcome"].values.ravel()) <= {"tie", "unusable"}
@@ -131,22 +132,22 @@ def test_the_recommended_method_is_the_library_pipeline(compared, label):
 
 def test_head_to_head_flags_unusable_and_counts_the_rest(compared):
     _, _, result = compared
-    pairs = C.allocation_gain_pairs(result) + C.headline_pairs(result) + C.quantizer_gain_pairs(result)
+    pairs = R.allocation_gain_pairs(result) + R.headline_pairs(result) + R.quantizer_gain_pairs(result)
     assert ("tqs+rtn", "none+rtn") in pairs and ("none+gptq", "none+rtn") in pairs
     assert ("recommended", "none+gptq") in pairs and ("none+gptq@rollout", "none+gptq") in pairs
     assert ("recommended+closed_loop", "recommended") in pairs
-    table = C.head_to_head(result, pairs, n_resamples=99)
-    ok = C.usable_cells(result)
+    table = R.head_to_head(result, pairs, n_resamples=99)
+    ok = R.usable_cells(result)
     for p, a, b in zip(table["pair"].values, table["a"].values, table["b"].values):
         both = (ok.sel(scheme=str(a)) & ok.sel(scheme=str(b))).values
         out = table["outcome"].sel(pair=p).values
         assert ((out == "unusable") == ~both).all()
         assert (table["usable_a"].sel(pair=p).values == ok.sel(scheme=str(a)).values).all()
         assert (table["usable_b"].sel(pair=p).values == ok.sel(scheme=str(b)).values).all()
-    s = C.summarize(table)
+    s = R.summarize(table)
     assert (s["n"] + s["unusable"] + s["unmatched"] == table.sizes["budget"] * table.sizes["variable"]).all()
     with pytest.raises(ValueError, match="not methods of this result"):
-        C.head_to_head(result, [("nope", "none+rtn")])
+        R.head_to_head(result, [("nope", "none+rtn")])
 
 
 def test_method_labels_and_checks():
@@ -207,7 +208,7 @@ def test_the_benchmark_command_prints_the_headline_and_writes_tables(tmp_path):
 def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
     # hand-made win tables: known outcomes per budget and variable; a second pair that must be ignored
     budgets = ["3b/channel", "3b/group", "4b/channel", "8b/channel"]
-    head, other = C.headline_pair(), "tqs+rtn vs none+rtn"
+    head, other = R.headline_pair(), "tqs+rtn vs none+rtn"
     outcome = np.array([[["win", "win", "tie"], ["loss", "unusable", "unusable"], ["win", "tie", "unmatched"],
                          ["loss", "loss", "loss"]],
                         [["loss"] * 3] * 4], dtype=object)
@@ -221,7 +222,7 @@ def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
                         "usable_a": (dims, usable_a), "usable_b": (dims, usable_b)},
                        coords={"pair": [head, other], "budget": budgets, "variable": list("xyz")},
                        attrs={"ci": 0.95})
-    v = C.verdict({"pangu_lite": table}, bits=(3, 4))
+    v = R.verdict({"pangu_lite": table}, bits=(3, 4))
     assert v["model"].values.tolist() == ["pangu_lite"] and v["bits"].values.tolist() == [3, 4]
     got = {k: v[k].sel(model="pangu_lite").values.tolist() for k in ("n", "win", "tie", "loss", "unusable",
                                                                        "unmatched", "holm_win", "holm_loss",
@@ -230,11 +231,11 @@ def test_the_verdict_counts_the_headline_pair_per_model_and_bit_width(tmp_path):
     assert got == dict(n=[4, 2], win=[2, 1], tie=[1, 1], loss=[1, 0], unusable=[2, 0], unmatched=[0, 1],
                        holm_win=[2, 1], holm_loss=[0, 0], only_a_usable=[1, 0], only_b_usable=[0, 0])
     table.to_netcdf(tmp_path / "wins_pangu_lite.nc")
-    again = C.verdict(tmp_path, bits=(3, 4))                  # the same counts from the saved table
+    again = R.verdict(tmp_path, bits=(3, 4))                  # the same counts from the saved table
     assert all((again[k] == v[k]).all() for k in got)
-    text = C.verdict_sentence(v)
+    text = R.verdict_sentence(v)
     assert "won 3, tied 2 and lost 1 of 6 cells counted" in text and "2 more cells were not counted" in text
     assert "not met" in text                                  # 50% won
     assert "in 1 of the 2 the default pipeline is usable and uniform GPTQ is not, in 0 the reverse" in text
     with pytest.raises(ValueError, match="baselines"):
-        C.verdict(tmp_path / "nothing")
+        R.verdict(tmp_path / "nothing")
