@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 import xarray as xr
-from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
+from scipy.stats import DegenerateDataWarning, bootstrap, rankdata, spearmanr
 
 
 def window_terms(scores: xr.Dataset) -> np.ndarray:
@@ -73,10 +73,10 @@ def bootstrap_gamma(scores: xr.Dataset, n_boot: int = 1000, ci: float = 0.95, se
 
 def spearman(a, b) -> float:
     """Spearman's rank correlation of two equal-length score vectors (ties get average ranks)."""
-    ra, rb = rankdata(np.asarray(a, float)), rankdata(np.asarray(b, float))
-    if ra.std() == 0 or rb.std() == 0:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if rankdata(a).std() == 0 or rankdata(b).std() == 0:  # a constant ranking: no correlation (scipy would warn)
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(a, b).statistic)
 
 
 def _scores_of(x) -> xr.DataArray:
@@ -130,6 +130,8 @@ def spearman_agreement(a, b, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
         data = (window_terms(a.sel(unit=common)), window_terms(b.sel(unit=common)))
 
         def statistic(ta, tb, axis=-1):  # (unit, *resamples, window) -> rho per resample
+            # Spearman's rho as the Pearson correlation of ranks, for every resample at once
+            # (scipy.stats.spearmanr would correlate every column with every other)
             ra, rb = rankdata(ta.mean(axis=axis), axis=0), rankdata(tb.mean(axis=axis), axis=0)
             ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
             return (ra * rb).sum(axis=0) / np.sqrt((ra**2).sum(axis=0) * (rb**2).sum(axis=0))
