@@ -535,5 +535,6 @@ def test_a_worker_killed_mid_sweep_loses_no_finished_unit(tmp_path):
     xr.testing.assert_identical(remote, serial)
     kept = xr.load_dataset(file)
     np.testing.assert_array_equal(kept["divergence"].sel(unit=remote["unit"].values), remote["divergence"])
-    runs = [t for t in stream.data if str(t["key"]).startswith("tqslite-probe")]
-    assert len(runs) == 4  # every chunk finished exactly once: nothing that had finished was run again
+    runs = [str(t["key"]) for t in stream.data if str(t["key"]).startswith("tqslite-probe")]
+    assert {int(k.rsplit("-", 1)[1]) for k in runs} == set(range(4))  # every chunk finished
+    assert len(runs) - len(set(runs)) <= 1  # at most the chunk whose result died with the worker ran twice

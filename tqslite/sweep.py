@@ -186,9 +186,15 @@ def run_tasks(fn: Callable, shared: tuple, tasks: Sequence[tuple], executor=None
         remote = executor.scatter(list(shared), broadcast=True, hash=False)
         futures = {executor.submit(fn, *remote, *task, key=f"{name}-{token}-{i}", pure=False): i
                    for i, task in enumerate(tasks)}
+        handled = set()
         try:
             for future in as_completed(futures):
+                # A task whose result was lost with its worker after it finished is run again, and
+                # as_completed can report it a second time: its result was already handled.
+                if futures[future] in handled:
+                    continue
                 on_result(futures[future], future.result())
+                handled.add(futures[future])
                 future.release()
         finally:
             executor.cancel([f for f in futures if not f.done()])
