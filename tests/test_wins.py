@@ -132,3 +132,7 @@ def test_unusable_cells_are_reported_apart():
     counts = W.tally(table)
     assert (int(counts["n"]), int(counts["win"]), int(counts["unusable"])) == (3, 3, 3)
     assert "not counted: 3 unusable" in W.describe(counts)
+
+
+def test_won_tied_lost_counts_only_the_three_outcomes():
+    assert W.won_tied_lost({"win": 3, "tie": 1, "loss": 2, "unusable": 7}) == "3 won, 1 tied, 2 lost of 6"

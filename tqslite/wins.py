@@ -242,4 +242,10 @@ def describe(counts: xr.Dataset) -> str:
     return text + (f"; not counted: {', '.join(extra)}" if extra else "")
 
 
-__all__ = ["Cell", "OUTCOMES", "SIZE_TOLERANCE", "compare", "describe", "holm", "tally", "win_table"]
+def won_tied_lost(counts) -> str:
+    """``"W won, T tied, L lost of N"`` from a mapping with ``win``, ``tie`` and ``loss`` counts (``N`` their sum)."""
+    w, t, lo = (int(counts[k]) for k in ("win", "tie", "loss"))
+    return f"{w} won, {t} tied, {lo} lost of {w + t + lo}"
+
+
+__all__ = ["Cell", "OUTCOMES", "SIZE_TOLERANCE", "compare", "describe", "holm", "tally", "win_table", "won_tied_lost"]
