@@ -18,7 +18,7 @@ import tqslite
 from tqslite import Gaussian, GPTQ, Int, QuantResidual, probe
 from tqslite.activations import probe_activations
 from tqslite.allocation import option_residuals
-from tqslite.batched import batched_divergence, parse_bytes, plan_chunks, step_memory
+from tqslite.batched import batched_divergence, check_batchable, parse_bytes, plan_chunks, step_memory
 from tqslite.evaluation import compare_plans, forecast
 from tqslite.models import pangu_lite, timesfm_lite
 from tqslite.sweep import WORKER_ENV
@@ -48,14 +48,14 @@ def small_timesfm(dtype=torch.float64):
 
 
 class Counting(tqslite.TorchSystem):
-    """A TorchSystem that counts its plain and functional (batched) steps."""
+    """A TorchSystem that records the batch of each plain step and counts its functional (vmap) steps."""
 
     def __init__(self, module):
         super().__init__(module)
-        self.steps = self.functional_steps = 0
+        self.rows, self.functional_steps = [], 0
 
     def step(self, x):
-        self.steps += 1
+        self.rows.append(x.shape[0])
         return super().step(x)
 
     def functional_step(self, params, x):
@@ -99,10 +99,13 @@ def test_the_batched_pass_is_what_runs():
     model, shape = MODELS["mlp"]()
     system = Counting(model)
     probe(system, states(8, shape), horizon=4, chunk_units=3, batch_size=4, progress=False)  # 6 units: 2 chunks
-    # one batched check step, then 2 chunks x 2 window batches x 4 steps; plain steps: the reference
-    # rollout (2 x 4), the memory measurement (1)
-    assert system.functional_steps == 1 + 2 * 2 * 4
-    assert system.steps == 2 * 4 + 1
+    # the copies of a chunk run as one plain step on 3 x 4 rows: 2 chunks x 2 window batches x 4 steps
+    assert system.rows.count(3 * 4) == 2 * 2 * 4
+    assert system.functional_steps == 0  # the row blocks, not torch.vmap
+    # the rest: reference rollout 2 x 4 steps of 4 windows, the memory measurement (4), where the
+    # hooks go (1, 2), and per chunk the check, one window per copy: the copies (3 x 1), then each
+    # copy's window plain (1) and with its unit alone (1)
+    assert sorted(system.rows) == sorted([4] * (2 * 4 + 1) + [1, 2] + ([3] + [1, 1] * 3) * 2 + [12] * 16)
 
 
 def test_the_shipped_stand_ins_score_the_same_batched():
@@ -169,38 +172,142 @@ def test_the_activation_probe_draws_the_same_noise_batched():
 class Branchy(nn.Module):
     """A forward with a Python branch on a tensor's value: torch.vmap cannot map it."""
 
-    def __init__(self):
+    def __init__(self, mix=False):
         super().__init__()
         self.lin = nn.Linear(4, 4).double()
+        self.mix = mix
 
     def forward(self, x):
+        if self.mix:  # every row sees the batch mean: copies in one batch would see each other
+            x = x - x.mean(0, keepdim=True)
         if x.abs().max() > 100:
             return x
         return torch.tanh(self.lin(x))
 
 
-def test_a_model_vmap_cannot_map_falls_back_with_one_warning():
+class Mixing(nn.Module):
+    """Rows that see the batch mean: row blocks would mix the copies, torch.vmap keeps them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x - x.mean(0, keepdim=True)))
+
+
+class Tied(nn.Module):
+    """``a.weight`` is used by ``a`` and, directly, by the model: a row-block copy of ``a`` alone misses the second use."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4).double(), nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        return torch.tanh(self.b(torch.tanh(self.a(x)))) + 0.1 * torch.tanh(x @ self.a.weight)
+
+
+def test_a_python_branch_on_values_runs_as_row_blocks():
     model, x0 = Branchy(), states(5, (4,))
+    one = probe(model, x0, horizon=4, chunk_units=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = probe(model, x0, horizon=4, chunk_units=2, progress=False)
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
+
+
+def test_a_model_that_mixes_rows_runs_under_vmap():
+    system = Counting(Mixing())
+    x0 = states(5, (4,))
+    one = probe(system, x0, horizon=4, chunk_units=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = probe(system, x0, horizon=4, chunk_units=2, progress=False)
+    assert system.functional_steps > 0
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
+
+
+def test_a_model_neither_engine_runs_falls_back_with_one_warning():
+    model, x0 = Branchy(mix=True), states(5, (4,))
     one = probe(model, x0, horizon=4, chunk_units=1, progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fallback = probe(model, x0, horizon=4, chunk_units=2, progress=False)
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "Branchy cannot run batched under torch.vmap" in messages[0], messages
+    assert len(messages) == 1 and "Branchy cannot run batched (row blocks: no copy stepped" in messages[0], messages
+    assert "torch.vmap: " in messages[0]
     xr.testing.assert_identical(fallback, one)
 
 
-def test_operators_without_a_batching_rule_are_named_once():
+def test_a_unit_whose_copy_disagrees_is_scored_alone():
+    model, x0 = Tied(), states(5, (4,))
+    one = probe(model, x0, horizon=4, chunk_units=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = probe(model, x0, horizon=4, chunk_units=4, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("1 of 4 units step differently as row blocks than alone "
+                                                         "(a.weight)"), messages
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
+
+
+def test_a_fused_layer_runs_as_row_blocks():
+    # nn.TransformerEncoderLayer in eval mode runs one fused kernel that reads its children's
+    # weights directly, unless a hook is attached to one of them: the row blocks attach one to
+    # every module they run, so the children are called and rerun as in hook_points
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
     x0 = states(3, (5, 8))
+    system = tqslite.as_system(layer)
+    with system.evaluating():
+        engine = tqslite.row_blocks.hook_points(system, ["linear1.weight", "self_attn.out_proj.weight"], x0[:1])
+    # MultiheadAttention reads out_proj.weight itself: its copies are rerun by the attention module
+    assert dict(engine.points) == {"linear1.weight": "linear1", "self_attn.out_proj.weight": "self_attn"}
+    assert layer.training  # given back as it was
     one = probe(layer, x0, horizon=3, chunk_units=1, progress=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batched = probe(layer, x0, horizon=3, chunk_units=4, memory_budget="1GB", progress=False)
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "aten::_transformer_encoder_layer_fwd" in messages[0], messages
-    np.testing.assert_allclose(batched["gamma"], one["gamma"], rtol=1e-10)
+    for chunk_units in (2, 12):  # a chunk of linear1's weight and bias alone: only stacked products
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batched = probe(layer, x0, horizon=3, chunk_units=chunk_units, memory_budget="1GB", progress=False)
+        np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10)
+
+
+class SequenceFirst(nn.Module):
+    """States ``(B, L, d)`` through a sequence-first encoder layer ``(L, B, d)``: rows are not batch-major inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=False).double()
+
+    def forward(self, x):
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_sequence_first_layout_is_never_scored_as_row_blocks():
+    # inside the layer the batch is dim 1: no module there may be cut by rows; the copies that
+    # only the row blocks could run disagree in the check and are scored another way
+    torch.manual_seed(0)
+    model, x0 = SequenceFirst(), states(3, (4, 8))
+    one = probe(model, x0, horizon=3, chunk_units=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batched = probe(model, x0, horizon=3, chunk_units=12, memory_budget="1GB", progress=False)
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10)
+    system = tqslite.as_system(model)
+    with system.evaluating():
+        engine = tqslite.row_blocks.hook_points(system, ["layer.linear1.weight"], x0[:1])
+    assert dict(engine.points) == {"layer.linear1.weight": "layer.linear1"}
+    assert engine.layouts == (("layer.linear1", (False,), (False,)),)  # (L, B, d): the leading dim is not the batch
+
+
+def test_operators_without_a_batching_rule_are_named():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double()
+    system = tqslite.as_system(layer)
+    with system.evaluating():
+        weights = [probe_module.gaussian_weights(system, u, Gaussian())
+                   for u in resolve_units("tensor", system.parameter_names())[:2]]
+        assert check_batchable(system, states(3, (5, 8)), weights) == ["aten::_transformer_encoder_layer_fwd"]
 
 
 def test_a_pass_that_runs_out_of_memory_is_split_in_halves(monkeypatch):
@@ -209,15 +316,15 @@ def test_a_pass_that_runs_out_of_memory_is_split_in_halves(monkeypatch):
     x0 = states(4, shape)
     one = probe(model, x0, horizon=3, chunk_units=1, progress=False)
     sizes = []
-    real = probe_module.batched_divergence
+    real = probe_module.row_blocks.divergence
 
-    def small_device(system, x0, ref, batch_size, weights):
+    def small_device(system, engine, x0, ref, batch_size, weights):
         sizes.append(len(weights))
         if len(weights) > 2:
             raise torch.OutOfMemoryError("pretend: too many copies")
-        return real(system, x0, ref, batch_size, weights)
+        return real(system, engine, x0, ref, batch_size, weights)
 
-    monkeypatch.setattr(probe_module, "batched_divergence", small_device)
+    monkeypatch.setattr(probe_module.row_blocks, "divergence", small_device)
     split = probe(model, x0, horizon=3, chunk_units=6, memory_budget="1GB", progress=False)
     assert sizes == [6, 3, 2, 3, 2]  # 6 -> 3 + 3 -> (1 + 2) + (1 + 2); single units run in place
     np.testing.assert_allclose(split["divergence"], one["divergence"], rtol=1e-10, atol=0)

@@ -12,7 +12,8 @@ The pieces, one module per job:
 * :mod:`tqslite.adapters` -- your own forecaster as a system: block forecasters with their own
   normalisation, masks and quantiles, models with extra inputs per step, plain functions;
 * :mod:`tqslite.probe` -- the TQS probe (gamma_quant, gamma_gauss);
-* :mod:`tqslite.batched` -- many perturbed copies of a model in one batched pass (the probe's engine);
+* :mod:`tqslite.row_blocks` -- many perturbed copies of a model as blocks of rows of one plain pass (the probe's
+  batched engine); :mod:`tqslite.batched` -- the same under ``torch.vmap``, and the memory plan of a pass;
 * :mod:`tqslite.sweep` -- long sweeps: resumable from a netCDF file, on any executor or a dask cluster;
 * :mod:`tqslite.activations` -- static, dynamic and probabilistic activation quantization, and
   the probe for activation noise;

@@ -45,6 +45,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from . import row_blocks
 from .batched import (NotBatchable, batched_divergence, check_batchable, default_memory_budget, parse_bytes,
                       plan_chunks, quiet_slow_ops, step_memory, supports_batching)
 from .config import Config, Int, as_config
@@ -214,18 +215,20 @@ def probe(
     progress : bool
         Show a tqdm progress bar over units.
     chunk_units : int, optional
-        At most this many units per batched pass (:mod:`tqslite.batched`): their perturbed
-        copies run as one forward pass on a batch ``(K, batch_size, *S)``. Default: on a CUDA
-        device as many as ``memory_budget`` allows (with an executor, also few enough to give
-        every worker two chunks); on the CPU one unit at a time, where batched passes measured
-        no faster (``benchmarks/probe_throughput.py``). ``1`` scores one unit at a time, its
+        At most this many units per batched pass: their ``K`` perturbed copies run as one
+        forward pass of the model on ``K * batch_size`` rows (:mod:`tqslite.row_blocks`; where
+        the model's step does not allow it, under ``torch.vmap``, :mod:`tqslite.batched`).
+        Default: on a CUDA device as many as ``memory_budget`` allows (with an executor, also
+        few enough to give every worker two chunks); on the CPU one unit at a time, where a
+        model whose step is compute-bound gains nothing from larger batches
+        (``benchmarks/probe_throughput.py`` measures it). ``1`` scores one unit at a time, its
         weights swapped in place. Scores depend on the chunks only through the order of
         floating-point operations: they agree with the one-unit probe within float tolerance,
-        and bit for bit between runs with the same chunks. Systems without ``functional_step``
-        (ONNX graphs) and models ``torch.vmap`` cannot map (a single warning says why) are
-        scored one unit at a time.
+        and bit for bit between runs with the same chunks. Systems without an ``nn.Module``
+        or ``functional_step`` (ONNX graphs), and models neither engine can run (a single
+        warning says why), are scored one unit at a time.
     memory_budget : int or str, optional
-        Bytes one batched pass may hold (its stacked weight copies plus activations), e.g.
+        Bytes one batched pass may hold (its copies of the perturbed weights plus activations), e.g.
         ``"4GB"``; given on the CPU, it turns batching on. Default: half the free memory of a
         CUDA device; 1 GiB on the CPU when ``chunk_units`` asks for batches.
     checkpoint : path-like, optional
@@ -297,7 +300,7 @@ def _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, to
     if isinstance(perturbation, QuantResidual):  # the whole model quantized once
         configs = {p: perturbation.config for u in unit_list for p in u.params}
         quantized = perturbation.quantizer.quantize_weights(system, configs, calibration).dequantized()
-    chunks, batched = _chunks(system, x0[:batch_size], todo, perturbation, quantized, chunk_units, budget, executor)
+    chunks, engine = _chunks(system, x0[:batch_size], todo, perturbation, quantized, chunk_units, budget, executor)
     tasks = [([todo[i] for i in c], {p: quantized[p] for i in c for p in todo[i].params if p in quantized})
              for c in chunks]
     fell_back = []
@@ -313,10 +316,10 @@ def _sweep(system, x0, ref, batch_size, perturbation, calibration, unit_list, to
         bar.update(len(chunk))
 
     fn = score_units if executor is None else _score_units_on_copy
-    run_tasks(fn, (system, x0, ref, batch_size, perturbation, batched), tasks, executor, finished, name="tqslite-probe")
+    run_tasks(fn, (system, x0, ref, batch_size, perturbation, engine), tasks, executor, finished, name="tqslite-probe")
     if fell_back:
         warnings.warn(f"the batched probe fell back to one unit at a time in {len(fell_back)} of {len(tasks)} chunks: "
-                      f"torch.vmap could not map the model's step ({fell_back[0]}).", stacklevel=3)
+                      f"{fell_back[0]}.", stacklevel=3)
 
 
 def _identity(system, units, attrs: dict, perturbation, calibration) -> dict:
@@ -338,34 +341,75 @@ def _finished_units(units, out: dict) -> xr.Dataset:
 
 
 def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units, budget, executor):
-    """``(chunks, batched)``: the units cut into chunks for batched passes, or one unit per chunk.
+    """``(chunks, engine)``: the units cut into chunks for batched passes, and the engine that runs them.
 
-    On the CPU the default is one unit at a time (batched passes measured no faster there); a
-    ``chunk_units`` above 1 or a ``memory_budget`` asks for batches anyway. One batched step on
-    ``x`` is tried first: a model ``torch.vmap`` cannot map gets one warning and single units.
+    ``engine`` is a :class:`tqslite.row_blocks.RowBlocks` (copies as blocks of rows of one plain
+    pass), ``"vmap"`` (:mod:`tqslite.batched`) or None (one unit at a time). On the CPU the
+    default is one unit at a time (batched passes measured no faster there); a ``chunk_units``
+    above 1 or a ``memory_budget`` asks for batches anyway. Row blocks are tried first: every
+    chunk's copies take one step both ways on one window (:func:`tqslite.row_blocks.check`), and
+    a unit whose copy disagrees runs alone. Where the row blocks cannot run at all, one
+    ``torch.vmap`` step is tried; a model it cannot map either gets one warning and single units.
     """
     singles = [[i] for i in range(len(units))]
     on_cpu = x.device.type == "cpu"
-    if chunk_units == 1 or len(units) < 2 or not supports_batching(system) or (
-            on_cpu and chunk_units is None and budget is None):
-        return singles, False
-    try:
-        slow = check_batchable(system, x, [_perturbed(system, u, perturbation, quantized) for u in units[:2]])
-    except NotBatchable as e:
-        warnings.warn(f"{type(getattr(system, 'module', system)).__name__} cannot run batched under torch.vmap ({e}); "
-                      "the probe scores one unit at a time (same scores, without the batched speed-up). "
-                      "chunk_units=1 skips this attempt.", stacklevel=3)
-        return singles, False
-    if slow:
-        warnings.warn(f"torch.vmap has no batching rule for {', '.join(slow)}: those operators run once per unit "
-                      "inside each batched pass (exact, but slower).", stacklevel=3)
+    if chunk_units == 1 or len(units) < 2 or (on_cpu and chunk_units is None and budget is None) or not (
+            row_blocks.supports_row_blocks(system) or supports_batching(system)):
+        return singles, None
     if budget is None:
         budget = default_memory_budget(x.device)
     if executor is not None and chunk_units is None:  # enough chunks to keep every worker busy
         chunk_units = max(1, math.ceil(len(units) / (2 * _n_workers(executor))))
     sizes = {p: system.get_parameter(p).nbytes for u in units for p in u.params}
     activations = step_memory(system.step, x)
-    return plan_chunks([u.params for u in units], sizes, activations, budget, chunk_units), True
+    chunks = plan_chunks([u.params for u in units], sizes, activations, budget, chunk_units)
+    reasons = []
+    if row_blocks.supports_row_blocks(system):
+        try:
+            return _row_block_chunks(system, x, units, chunks, perturbation, quantized)
+        except NotBatchable as e:
+            reasons.append(f"row blocks: {e}")
+    if supports_batching(system):
+        try:
+            slow = check_batchable(system, x, [_perturbed(system, u, perturbation, quantized) for u in units[:2]])
+        except NotBatchable as e:
+            reasons.append(f"torch.vmap: {e}")
+        else:
+            if slow:
+                warnings.warn(f"torch.vmap has no batching rule for {', '.join(slow)}: those operators run once per "
+                              "unit inside each batched pass (exact, but slower).", stacklevel=4)
+            return chunks, "vmap"
+    warnings.warn(f"{type(getattr(system, 'module', system)).__name__} cannot run batched ({'; '.join(reasons)}); "
+                  "the probe scores one unit at a time (same scores, without the batched speed-up). "
+                  "chunk_units=1 skips this attempt.", stacklevel=4)
+    return singles, None
+
+
+def _row_block_chunks(system, x: torch.Tensor, units, chunks, perturbation, quantized):
+    """``(chunks, engine)`` for the row blocks: each chunk checked on windows of ``x``, disagreeing units alone.
+
+    Raises :class:`~tqslite.batched.NotBatchable` if the model's step cannot run as row blocks at
+    all, or if no copy of any chunk agrees (the vmap engine is tried next).
+    """
+    engine = row_blocks.hook_points(system, [p for u in units for p in u.params], x[:1])
+    kept, alone = [], []
+    for chunk in chunks:
+        if len(chunk) == 1:
+            kept.append(chunk)
+            continue
+        agree = row_blocks.check(system, engine, x, [_perturbed(system, units[i], perturbation, quantized)
+                                                     for i in chunk])
+        ok = [i for i, a in zip(chunk, agree) if a]
+        alone += [i for i, a in zip(chunk, agree) if not a]
+        kept += [ok] if ok else []
+    if alone and not any(len(c) > 1 for c in kept):
+        raise NotBatchable(f"no copy stepped as its unit alone does ({units[alone[0]].label!r} first): the model "
+                           "mixes the rows of a batch, or keeps them in another order")
+    if alone:
+        warnings.warn(f"{len(alone)} of {len(units)} units step differently as row blocks than alone "
+                      f"({', '.join(units[i].label for i in alone[:3])}{', ...' if len(alone) > 3 else ''}): "
+                      "they are scored one at a time.", stacklevel=5)
+    return kept + [[i] for i in alone], engine
 
 
 def _n_workers(executor) -> int:
@@ -444,16 +488,16 @@ def score_unit(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, per
         return eps, rollout_divergence(system, x0, ref, batch_size)
 
 
-def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, perturbation, batched: bool,
+def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, perturbation, engine,
                 units, quantized: dict) -> dict:
     """The probe's work for a chunk of ``K`` units: their perturbed rollouts, in one batched pass if asked.
 
     Each unit's weights are perturbed (for :class:`QuantResidual`, from ``quantized``, the
     quantizer's weights of the chunk's tensors; a zero residual is replaced by the fallback
-    Gaussian noise). With ``batched`` the units with a non-zero perturbation run together
-    (:func:`tqslite.batched.batched_divergence`; a pass that does not fit the device's memory is
-    split in halves); otherwise, or if ``torch.vmap`` refuses the step, one at a time with their
-    weights swapped in place and restored.
+    Gaussian noise). With an ``engine`` (a :class:`tqslite.row_blocks.RowBlocks` or ``"vmap"``)
+    the units with a non-zero perturbation run together (a pass that does not fit the device's
+    memory is split in halves); without one, or if the engine refuses the step, one at a time
+    with their weights swapped in place and restored.
 
     Returns
     -------
@@ -475,9 +519,9 @@ def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, pe
     div = np.zeros((len(units), x0.shape[0], ref.shape[0]))
     live = [k for k in range(len(units)) if eps[k] > 0]  # a zero perturbation needs no rollout
     fell_back = None
-    if batched and len(live) > 1:
+    if engine is not None and len(live) > 1:
         try:
-            div[live] = _batched(system, x0, ref, batch_size, [weights[k] for k in live])
+            div[live] = _batched(system, engine, x0, ref, batch_size, [weights[k] for k in live])
             live = []
         except NotBatchable as e:
             fell_back = str(e)
@@ -487,20 +531,22 @@ def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, pe
     return dict(eps=eps, divergence=div, unmeasured=unmeasured, fell_back=fell_back)
 
 
-def _batched(system, x0, ref, batch_size, weights: list) -> np.ndarray:
-    """:func:`tqslite.batched.batched_divergence`, split in halves while the device runs out of memory."""
+def _batched(system, engine, x0, ref, batch_size, weights: list) -> np.ndarray:
+    """The divergences of a chunk's copies by ``engine``, split in halves while the device runs out of memory."""
     if len(weights) == 1:
         with swapped(system, weights[0]):
             return rollout_divergence(system, x0, ref, batch_size)[None]
     try:
-        with quiet_slow_ops():
-            return nonfinite_stays(batched_divergence(system, x0, ref, batch_size, weights))
+        if engine == "vmap":
+            with quiet_slow_ops():
+                return nonfinite_stays(batched_divergence(system, x0, ref, batch_size, weights))
+        return nonfinite_stays(row_blocks.divergence(system, engine, x0, ref, batch_size, weights))
     except torch.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(weights) // 2
-        return np.concatenate([_batched(system, x0, ref, batch_size, weights[:half]),
-                               _batched(system, x0, ref, batch_size, weights[half:])])
+        return np.concatenate([_batched(system, engine, x0, ref, batch_size, weights[:half]),
+                               _batched(system, engine, x0, ref, batch_size, weights[half:])])
 
 
 def _score_units_on_copy(system, x0, ref, *args):
