@@ -7,7 +7,11 @@ Run:  .venv/bin/python benchmarks/probe_throughput.py [--threads 1] [--quick] [-
    rollout per unit, every window, every lead) against plain batched inference of the same model
    at the same batch (``units + 1`` rollouts of the same windows), timed in the same run, best of
    ``--repeats`` interleaved rounds. The probe runs one unit at a time (``chunk_units=1``) and
-   with batched units (every unit in passes of at most 1 GB, :mod:`tqslite.batched`).
+   with batched units (:mod:`tqslite.row_blocks`: ``K`` copies as one plain pass on ``K x
+   windows`` rows) at ``K`` = 2, 4 and every unit; the best ``K`` is printed. Also printed: the
+   *ceiling* of any engine that runs ``K`` copies as one pass of ``K`` times the rows, measured
+   on plain inference alone: ``max_K K * t(batch B) / t(batch K * B)``. A model whose step is
+   compute-bound at batch ``B`` (the ceiling near 1) gains nothing from batching units.
 2. **Time per Pareto point** on each stand-in, 10 budgets (2, 3, 4, 6 and 8 bits per channel and
    per group of 32, as :mod:`tqslite.comparison`): TQS = one probe (the comparison's settings) +
    one cost table per grid + 10 solves + 10 applications of the plan (RTN); GPTQ = 10 runs of
@@ -81,7 +85,7 @@ def best_times(fns, repeat):
 
 
 def throughput(name, system, x0, horizon, repeat):
-    """Model-steps per second: plain inference, the probe one unit at a time, and batched."""
+    """Model-steps per second: plain inference, the probe one unit at a time and batched; the ceiling."""
     system = tqslite.as_system(system)
     n_units = len(system.parameter_names())
     steps = x0.shape[0] * horizon * (n_units + 1)
@@ -92,15 +96,21 @@ def throughput(name, system, x0, horizon, repeat):
                 tqslite.rollout(system, x0, horizon)
 
     kw = dict(horizon=horizon, progress=False)
+    sizes = sorted({k for k in (2, 4, n_units) if k <= n_units})
     tqslite.probe(system, x0[:2], horizon=1, chunk_units=2, memory_budget="1GB", progress=False)  # warm-up
-    t_plain, t_one, t_batched = best_times([
-        plain,
-        lambda: tqslite.probe(system, x0, chunk_units=1, **kw),
-        lambda: tqslite.probe(system, x0, chunk_units=n_units, memory_budget="1GB", **kw)], repeat)
+    times = best_times([plain, lambda: tqslite.probe(system, x0, chunk_units=1, **kw)]
+                       + [lambda k=k: tqslite.probe(system, x0, chunk_units=k, memory_budget="4GB", **kw)
+                          for k in sizes], repeat)
+    t_plain, t_one, t_batched = times[0], times[1], dict(zip(sizes, times[2:]))
+    best_k = min(t_batched, key=t_batched.get)
+    with system.evaluating(), torch.no_grad():  # plain steps at K times the batch: what batching could gain
+        step = [best_times([lambda k=k: system.step(x0.repeat(k, *[1] * (x0.ndim - 1)))], max(repeat, 3))[0]
+                for k in (1, 2, 4, 8)]
+    ceiling = max(k * step[0] / t for k, t in zip((1, 2, 4, 8), step))
     return dict(model=name, units=n_units, params=sum(system.get_parameter(p).numel() for p in
                                                       system.parameter_names()),
                 windows=x0.shape[0], horizon=horizon, plain=steps / t_plain, one=steps / t_one,
-                batched=steps / t_batched)
+                batched=steps / t_batched[best_k], best_k=best_k, ceiling=ceiling)
 
 
 def probe_setting(name):
@@ -224,13 +234,14 @@ def main():
     rows = [throughput(name, model, x0, horizon, repeat) for name, model, x0, horizon in cases]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), best of {repeat}")
-    print("\n1. probe throughput, model-steps per second (windows x leads x (units + 1)), same batch as plain")
+    print("\n1. probe throughput, model-steps per second (windows x leads x (units + 1)), same batch as plain;")
+    print("   ceiling: the most any engine running K copies as one pass on K x the batch could gain (plain steps)")
     print(f"{'model':<14}{'units':>6}{'params':>9}{'windows':>8}{'leads':>6}{'plain':>10}{'one unit':>10}"
-          f"{'batched':>10}{'one/plain':>11}{'batched/plain':>15}")
+          f"{'batched':>10}{'K':>4}{'one/plain':>11}{'batched/plain':>15}{'ceiling':>9}")
     for r in rows:
         print(f"{r['model']:<14}{r['units']:>6}{r['params']:>9}{r['windows']:>8}{r['horizon']:>6}{r['plain']:>10.0f}"
-              f"{r['one']:>10.0f}{r['batched']:>10.0f}{r['one'] / r['plain']:>11.2f}"
-              f"{r['batched'] / r['plain']:>15.2f}")
+              f"{r['one']:>10.0f}{r['batched']:>10.0f}{r['best_k']:>4}{r['one'] / r['plain']:>11.2f}"
+              f"{r['batched'] / r['plain']:>15.2f}{r['ceiling']:>9.2f}")
 
     costs = [pareto_cost(name, repeat) for name in STAND_INS]
     print("\n2. time per Pareto point, 10 budgets; TQS = probe + cost tables + 10 solves + 10 applications (RTN);")
@@ -260,7 +271,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     ds = xr.Dataset(
         {k: ("model", [r[k] for r in rows]) for k in ("units", "params", "windows", "horizon", "plain", "one",
-                                                       "batched")},
+                                                       "batched", "best_k", "ceiling")},
         coords={"model": [r["model"] for r in rows]},
         attrs=dict(milp_seconds=t_milp, greedy_seconds=t_greedy, greedy_gap=c_greedy / c_milp - 1,
                    torch=torch.__version__, threads=torch.get_num_threads()),
