@@ -207,6 +207,29 @@ class Tied(nn.Module):
         return torch.tanh(self.b(torch.tanh(self.a(x)))) + 0.1 * torch.tanh(x @ self.a.weight)
 
 
+class Scaled(nn.Module):
+    """A module with its own parameter around a ``Linear``: a unit of both sits at nested hook points."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4).double()
+        self.scale = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x) * self.scale)
+
+
+def test_a_unit_at_nested_hook_points_runs_as_row_blocks():
+    torch.manual_seed(0)
+    model, x0 = nn.Sequential(Scaled(), nn.Linear(4, 4).double()), states(5, (4,))
+    units = {"outer": ["0.inner.weight", "0.scale"], "inner": ["0.inner.bias"], "last": ["1.weight", "1.bias"]}
+    one = probe(model, x0, horizon=4, units=units, chunk_units=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unit falls back to running alone
+        batched = probe(model, x0, horizon=4, units=units, chunk_units=3, progress=False)
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
+
+
 def test_a_python_branch_on_values_runs_as_row_blocks():
     model, x0 = Branchy(), states(5, (4,))
     one = probe(model, x0, horizon=4, chunk_units=1, progress=False)

@@ -132,9 +132,13 @@ class _Pass:
         # per hook point: [(copy, {attribute path below the hook point: value})]
         self.copies: dict[str, list[tuple[int, dict]]] = {}
         for k, weights in enumerate(perturbed):
+            # a copy whose tensors sit at nested hook points (a block unit) reruns them all at the
+            # outermost: an inner point's rerun would run inside the outer one's as the plain layer
+            own = {points[name] for name in weights}
+            outer = {p: next(a for a in reversed(_ancestors(p)) if a in own) for p in own}
             by_point: dict[str, dict] = {}
             for name, value in weights.items():
-                point = points[name]
+                point = outer[points[name]]
                 by_point.setdefault(point, {})[name[len(point) + 1:] if point else name] = value
             for point, values in by_point.items():
                 self.copies.setdefault(point, []).append((k, values))
