@@ -347,8 +347,8 @@ def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units
     pass), ``"vmap"`` (:mod:`tqslite.batched`) or None (one unit at a time). On the CPU the
     default is one unit at a time (batched passes measured no faster there); a ``chunk_units``
     above 1 or a ``memory_budget`` asks for batches anyway. Row blocks are tried first: every
-    chunk's copies take one step both ways on one window (:func:`tqslite.row_blocks.check`), and
-    a unit whose copy disagrees runs alone. Where the row blocks cannot run at all, one
+    chunk's copies take one step both ways, batched and alone, one window each
+    (:func:`tqslite.row_blocks.check`), and a unit whose copy disagrees runs alone. Where the row blocks cannot run at all, one
     ``torch.vmap`` step is tried; a model it cannot map either gets one warning and single units.
     """
     singles = [[i] for i in range(len(units))]
