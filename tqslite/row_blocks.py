@@ -172,9 +172,7 @@ class _Pass:
         copy ``k``'s own where it perturbs them, the module's elsewhere (``(K, in, out)``, built once)."""
         n = self.k
         wt = module.weight.detach().t().unsqueeze(0).repeat(n, 1, 1)
-        bias = module.bias
-        bt = None if bias is None and not any("bias" in v for _, v in copies) else (
-            (bias.detach() if bias is not None else wt.new_zeros(wt.shape[2])).reshape(1, 1, -1).repeat(n, 1, 1))
+        bt = None if module.bias is None else module.bias.detach().reshape(1, 1, -1).repeat(n, 1, 1)
         for k, values in copies:
             if "weight" in values:
                 wt[k] = values["weight"].t()
@@ -192,13 +190,15 @@ class _Pass:
 
     def _hook(self, point: str):
         copies, (ins, outs) = self.copies[point], self.layouts[point]
+        module = self.modules[point]
+        weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
 
         def hook(module, args, kwargs, output):
             if self.rerunning:  # a rerun of this or an enclosing module: the plain computation
                 return None
-            protected = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
-            protected |= {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
-            out = _writable(output, protected)
+            # the hook writes into the output: copy any of its tensors that share memory with an input or a weight
+            protected = weights | {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+            out = _map(output, lambda t: t.clone() if t.untyped_storage().data_ptr() in protected else t)
             targets = [t for t, batch in zip(_tensors(out), outs) if batch]
             for k, values in copies:
                 a, kw = _block((args, kwargs), ins, k, self.k)
@@ -235,10 +235,8 @@ def _plain_linear(module: nn.Module, copies) -> bool:
 def _rerun(module: nn.Module, values: dict, args, kwargs):
     """``module(*args, **kwargs)`` with the tensors ``values`` (attribute paths) in place of its own."""
     forward = type(module).forward
-    if not kwargs and len(args) == 1 and set(values) <= {"weight", "bias"}:  # the common layers, without functional_call
+    if not kwargs and len(args) == 1 and set(values) <= {"weight", "bias"}:  # common layers, without functional_call
         w, bias = values.get("weight", module.weight), values.get("bias", getattr(module, "bias", None))
-        if forward is nn.Linear.forward:
-            return F.linear(args[0], w, bias)
         if forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward):
             return module._conv_forward(args[0], w, bias)
         if forward is nn.LayerNorm.forward:
@@ -250,40 +248,29 @@ def _block(obj, flags: Sequence[bool], k: int, n_copies: int):
     """``obj`` with every batch tensor (``flags``, in :func:`_tensors` order) cut to copy ``k``'s rows."""
     it = iter(flags)
 
-    def cut(o):
-        if isinstance(o, torch.Tensor):
-            if next(it, False):
-                per = o.shape[0] // n_copies
-                return o[k * per:(k + 1) * per]
-            return o
-        if isinstance(o, (tuple, list)):
-            return type(o)(cut(v) for v in o)
-        if isinstance(o, dict):
-            return {key: cut(v) for key, v in o.items()}
-        return o
+    def cut(t):
+        per = t.shape[0] // n_copies
+        return t[k * per:(k + 1) * per] if next(it, False) else t
 
-    return cut(obj)
+    return _map(obj, cut)
 
 
-def _writable(output, protected: set):
-    """``output`` with every tensor whose memory is in ``protected`` (an input's, a weight's) copied:
-    the hook writes into it."""
-    if isinstance(output, torch.Tensor):
-        return output.clone() if output.untyped_storage().data_ptr() in protected else output
-    if isinstance(output, (tuple, list)):
-        return type(output)(_writable(o, protected) for o in output)
-    return output
-
-
-def _tensors(obj):
+def _map(obj, fn):
+    """``obj`` (tensors in nested tuples, lists and dicts) with ``fn`` applied to each tensor, in :func:`_tensors` order."""
     if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _map(o, fn) for key, o in obj.items()}
+    return obj
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (nested tuples, lists and dicts), depth first."""
+    found = []
+    _map(obj, found.append)
+    return found
 
 
 def divergence(system, engine: RowBlocks, x0: torch.Tensor, ref: torch.Tensor, batch_size: int,
