@@ -99,19 +99,20 @@ def batched_divergence(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: 
     """
     params = stack_perturbed(system, perturbed)
     step = torch.vmap(system.functional_step, in_dims=({n: 0 for n in params}, 0))
-    return vmapped_divergence(lambda x: step(params, x), len(perturbed), x0, ref, batch_size)[0]
+    return copies_divergence(lambda x: step(params, x), len(perturbed), x0, ref, batch_size)[0]
 
 
-def vmapped_divergence(step: Callable, k: int, x0: torch.Tensor, ref: torch.Tensor, batch_size: int):
-    """Roll ``k`` copies out together with a vmapped ``step`` and reduce their divergence from ``ref``.
+def copies_divergence(step: Callable, k: int, x0: torch.Tensor, ref: torch.Tensor, batch_size: int):
+    """Roll ``k`` copies out together with ``step`` and reduce their divergence from ``ref``.
 
-    ``step`` maps states ``(k, b, *S)`` to the next states, or to ``(next states, aux)`` with
+    Both engines use it: ``step`` (vmapped here, row blocks in :mod:`tqslite.row_blocks`) maps
+    states ``(k, b, *S)`` to the next states, or to ``(next states, aux)`` with
     ``aux`` a tensor ``(k, ...)`` (collected, one per window batch and step, in that order).
     Returns ``(divergence, aux)``: float64 ``(k, N, T)`` on the CPU, and the list of ``aux``.
     Where ``ref`` is NaN (a missing value in the reference rollout of a system that masks missing
     values), the copies count as not different, as in the one-unit probe; NaN anywhere else
     makes that copy's divergence NaN.
-    Any error of ``torch.vmap`` while mapping the step is raised as :class:`NotBatchable`.
+    Any error of the step (what ``torch.vmap`` or the row blocks refuse) is raised as :class:`NotBatchable`.
     """
     horizon, n = ref.shape[0], x0.shape[0]
     div = torch.empty((horizon, k, n), dtype=torch.float64, device=ref.device)
@@ -292,6 +293,6 @@ def plan_chunks(units: Sequence[Sequence[str]], tensor_bytes: dict, activation_b
     return chunks
 
 
-__all__ = ["CPU_BUDGET", "NotBatchable", "batched_divergence", "check_batchable", "default_memory_budget",
-           "parse_bytes", "plan_chunks", "quiet_slow_ops", "stack_perturbed", "step_memory", "supports_batching",
-           "vmapped_divergence"]
+__all__ = ["CPU_BUDGET", "NotBatchable", "batched_divergence", "check_batchable", "copies_divergence",
+           "default_memory_budget", "parse_bytes", "plan_chunks", "quiet_slow_ops", "stack_perturbed", "step_memory",
+           "supports_batching"]

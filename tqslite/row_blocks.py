@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .batched import NotBatchable, vmapped_divergence
+from .batched import NotBatchable, copies_divergence
 from .systems import swapped
 
 #: Agreement asked of a copy's first step, batched against one unit at a time: the gap at most
@@ -284,7 +284,7 @@ def divergence(system, engine: RowBlocks, x0: torch.Tensor, ref: torch.Tensor, b
     """
     run = _Pass(system, engine, perturbed)
     with run.hooked():
-        return vmapped_divergence(lambda x: run.step(system, x), run.k, x0, ref, batch_size)[0]
+        return copies_divergence(lambda x: run.step(system, x), run.k, x0, ref, batch_size)[0]
 
 
 def check(system, engine: RowBlocks, x: torch.Tensor, perturbed: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray:

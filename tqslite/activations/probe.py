@@ -11,8 +11,8 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from ..batched import (NotBatchable, default_memory_budget, parse_bytes, plan_chunks, quiet_slow_ops, step_memory,
-                       vmapped_divergence)
+from ..batched import (NotBatchable, copies_divergence, default_memory_budget, parse_bytes, plan_chunks,
+                       quiet_slow_ops, step_memory)
 from ..probe import (as_states, assemble_scores, divergence_floor, fingerprint, nonfinite_stays, reference_rollout,
                      rollout_divergence, unit_seed)
 from ..systems import as_system, device_of
@@ -203,7 +203,7 @@ def _noisy_batched(system, layers, sigma_rel, seed, x0, ref, batch_size, eps, n_
     mapped = torch.vmap(step, in_dims=(0, 0), randomness="same")
     handles = [module.register_forward_hook(hook_of(j)) for j, (_, module) in enumerate(layers)]
     try:
-        raw, aux = vmapped_divergence(lambda x: mapped(onehot, x), k, x0, ref, batch_size)
+        raw, aux = copies_divergence(lambda x: mapped(onehot, x), k, x0, ref, batch_size)
     finally:
         for h in handles:
             h.remove()
