@@ -160,12 +160,29 @@ def test_values_missing_from_the_reference_count_as_no_difference_batched_or_not
 def test_the_activation_probe_draws_the_same_noise_batched():
     torch.manual_seed(0)
     model, shape = MODELS["pangu"]()
+    system = Counting(model)
     x0 = states(4, shape)
-    one = probe_activations(model, x0, horizon=4, chunk_units=1, progress=False)
-    batched = probe_activations(model, x0, horizon=4, chunk_units=3, memory_budget="1GB", progress=False)
+    one = probe_activations(system, x0, horizon=4, chunk_units=1, progress=False)
+    system.rows.clear()
+    batched = probe_activations(system, x0, horizon=4, chunk_units=3, memory_budget="1GB", progress=False)
+    # row blocks: every full chunk of 3 layers steps as one plain pass on 3 x 4 rows, 4 steps
+    assert system.rows.count(3 * 4) == len(one["unit"]) // 3 * 4 > 0 and system.functional_steps == 0
     # the realised noise size, call by call: another draw would move it by about 1e-3
     np.testing.assert_allclose(batched["eps"], one["eps"], rtol=1e-12, atol=0)
     np.testing.assert_array_equal(batched["n_outputs"], one["n_outputs"])
+    np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
+
+
+def test_the_activation_probe_of_a_model_that_mixes_rows_runs_under_vmap():
+    torch.manual_seed(0)
+    system = Counting(nn.Sequential(Mixing(), nn.Linear(4, 4).double()))
+    x0 = states(5, (4,))
+    one = probe_activations(system, x0, horizon=4, chunk_units=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = probe_activations(system, x0, horizon=4, chunk_units=2, memory_budget="1GB", progress=False)
+    assert 2 in system.rows and 2 * 5 not in system.rows  # row blocks checked (2 copies x 1 window), never run
+    np.testing.assert_allclose(batched["eps"], one["eps"], rtol=1e-12, atol=0)
     np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
 
 

@@ -219,8 +219,13 @@ class _Pass:
 
     def step(self, system, x: torch.Tensor) -> torch.Tensor:
         """One step of the ``K`` copies on states ``(K, b, *S)``."""
-        k, b = x.shape[:2]
-        return system.step(x.reshape(k * b, *x.shape[2:])).reshape(x.shape)
+        return step_rows(system, x)
+
+
+def step_rows(system, x: torch.Tensor) -> torch.Tensor:
+    """One plain step of states ``(K, b, *S)`` as ``K * b`` rows: ``(K, b, *S)``."""
+    k, b = x.shape[:2]
+    return system.step(x.reshape(k * b, *x.shape[2:])).reshape(x.shape)
 
 
 def _nothing(module, args, output):
@@ -299,7 +304,7 @@ def check(system, engine: RowBlocks, x: torch.Tensor, perturbed: Sequence[Mappin
     copy's or none. Raises :class:`~tqslite.batched.NotBatchable` if the batched step fails
     altogether.
     """
-    states = x[torch.arange(len(perturbed), device=x.device) % x.shape[0]].unsqueeze(1)  # (K, 1, *S)
+    states = copy_windows(x, len(perturbed))
     run = _Pass(system, engine, perturbed)
     try:
         with run.hooked():
@@ -313,12 +318,24 @@ def check(system, engine: RowBlocks, x: torch.Tensor, perturbed: Sequence[Mappin
         plain = system.step(states[k])
         with swapped(system, weights):
             single = system.step(states[k])
-        tiny = 64 * torch.finfo(plain.dtype).eps * float(plain.abs().max())
-        effect = float((single - plain).abs().max())
-        gap = float((batched[k] - single).abs().max())
-        agree[k] = math.isfinite(gap) and gap <= AGREEMENT * effect + tiny
+        agree[k] = agrees(batched[k], single, plain)
     return agree
 
 
-__all__ = ["AGREEMENT", "RowBlocks", "check", "divergence", "hook_points",
+def copy_windows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """States ``(k, 1, *S)`` for a check of ``k`` copies: copy ``j`` starts from window ``j mod n`` of ``x`` ``(n, *S)``."""
+    return x[torch.arange(k, device=x.device) % x.shape[0]].unsqueeze(1)
+
+
+def agrees(batched: torch.Tensor, single: torch.Tensor, plain: torch.Tensor) -> bool:
+    """Whether a copy's batched step reproduces its step alone: ``max |batched - single| <= AGREEMENT *
+    max |single - plain| + 64 * eps * max |plain|`` (``plain``: the unperturbed step, ``eps``: the
+    dtype's resolution)."""
+    tiny = 64 * torch.finfo(plain.dtype).eps * float(plain.abs().max())
+    effect = float((single - plain).abs().max())
+    gap = float((batched - single).abs().max())
+    return math.isfinite(gap) and gap <= AGREEMENT * effect + tiny
+
+
+__all__ = ["AGREEMENT", "RowBlocks", "agrees", "check", "copy_windows", "divergence", "hook_points", "step_rows",
            "supports_row_blocks"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from .. import row_blocks
 from ..batched import (NotBatchable, copies_divergence, default_memory_budget, parse_bytes, plan_chunks,
                        quiet_slow_ops, step_memory)
 from ..probe import (as_states, assemble_scores, divergence_floor, fingerprint, nonfinite_stays, reference_rollout,
@@ -35,9 +37,11 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
     (close to ``sigma_rel``; each call is relative to its own output, so a rollout whose states
     grow or shrink does not reweight it).
 
-    Layers are scored in chunks of ``K``, as the weight probe's units are (:mod:`tqslite.batched`):
-    ``torch.vmap`` runs ``K`` copies of the model, copy ``k`` with noise at layer ``k`` only (the
-    others add an exact zero), each drawing the same noise as it would alone.
+    Layers are scored in chunks of ``K``, as the weight probe's units are: ``K`` copies of the
+    model run as blocks of rows of one plain pass (:mod:`tqslite.row_blocks`), copy ``k``'s rows
+    with noise at layer ``k`` only, each drawing the same noise as it would alone. A chunk is
+    checked one step against its layers alone first; a model that mixes the rows of a batch runs
+    under ``torch.vmap`` instead (:mod:`tqslite.batched`; the other copies add an exact zero).
 
     Parameters
     ----------
@@ -101,19 +105,26 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
         div = np.zeros((len(layers), n_win, horizon))
         chunks = _activation_chunks(system, x0[:batch_size], len(layers), chunk_units, memory_budget)
         bar = tqdm(desc="activation probe", total=len(layers), disable=not progress)
-        batched = True
+        engine = "rows" if len(chunks) < len(layers) else None  # then "vmap", then one layer at a time
         for chunk in chunks:
-            if batched and len(chunk) > 1:
+            sub = [layers[i] for i in chunk]
+            if engine == "rows" and len(chunk) > 1:
+                if _rows_agree(system, sub, sigma_rel, seed, x0[:batch_size]):
+                    _noisy_rows(system, sub, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk)
+                    bar.update(len(chunk))
+                    continue
+                engine = "vmap"  # the copies' rows do not step as the layers alone do
+            if engine == "vmap" and len(chunk) > 1:
                 try:
                     with quiet_slow_ops():
-                        _noisy_batched(system, [layers[i] for i in chunk], sigma_rel, seed, x0, ref, batch_size,
-                                       eps, n_out, div, chunk)
+                        _noisy_batched(system, sub, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk)
                     bar.update(len(chunk))
                     continue
                 except NotBatchable as e:
-                    batched = False
-                    warnings.warn(f"{type(net).__name__} cannot run batched under torch.vmap ({e}); the activation "
-                                  "probe scores one layer at a time.", stacklevel=2)
+                    engine = None
+                    warnings.warn(f"{type(net).__name__} cannot run batched (row blocks: the copies step differently "
+                                  f"than alone; torch.vmap: {e}); the activation probe scores one layer at a time.",
+                                  stacklevel=2)
             for i in chunk:
                 _noisy_one(system, layers[i], sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, i)
                 bar.update()
@@ -151,25 +162,83 @@ def _noise(out: torch.Tensor, sigma_rel: float, gen: torch.Generator):
     return noise, ratio
 
 
+@contextlib.contextmanager
+def _noise_on_rows(layers, sigma_rel: float, seed: int):
+    """Noise hooks for ``K`` layers on a batch of ``K`` row blocks: block ``k`` gets noise at layer ``k`` only.
+
+    Layer ``k`` draws from its own generator, seeded by ``(seed, name)``, once per call and in
+    the shape of its block, so its noise is what it draws alone (``K = 1``: the one-layer probe).
+    Yields ``(ratios, sizes)``: per layer, ``||noise|| / ||y||`` of every call, and its output
+    elements per sample. Raises :class:`~tqslite.batched.NotBatchable` (from the step) if a
+    layer's output is not a batch of ``K`` blocks.
+    """
+    k = len(layers)
+    gens = [torch.Generator().manual_seed(unit_seed(seed, name)) for name, _ in layers]
+    ratios, sizes = [[] for _ in range(k)], [0] * k
+
+    def hook_of(j):
+        def hook(mod, args, out):
+            if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] % k:
+                raise NotBatchable(f"layer {layers[j][0]!r} does not return a batch of {k} row blocks")
+            if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                   for a in args):
+                out = out.clone()  # the noise is added in place: never into an input's memory
+            per = out.shape[0] // k
+            block = out[j * per:(j + 1) * per]
+            sizes[j] = block[0].numel()
+            noise, ratio = _noise(block, sigma_rel, gens[j])
+            ratios[j].append(ratio)
+            block += noise
+            return out
+        return hook
+
+    handles = [module.register_forward_hook(hook_of(j)) for j, (_, module) in enumerate(layers)]
+    try:
+        yield ratios, sizes
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _realised(ratios: list) -> float:
+    """``eps``: the RMS over calls of ``||noise|| / ||y||`` (0 without a call)."""
+    r = torch.stack(ratios).cpu().numpy() if ratios else np.zeros(0)
+    return math.sqrt(np.mean(np.square(r))) if len(r) else 0.0
+
+
 def _noisy_one(system, layer, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, i) -> None:
     """One layer's rollout with noise at its output: fills ``eps[i]``, ``n_out[i]``, ``div[i]``."""
-    name, module = layer
-    gen = torch.Generator().manual_seed(unit_seed(seed, name))
-    ratios = []   # ||noise|| / ||y|| of every call
-
-    def hook(mod, args, out):
-        n_out[i] = out[0].numel()
-        noise, ratio = _noise(out, sigma_rel, gen)
-        ratios.append(ratio)
-        return out + noise
-
-    handle = module.register_forward_hook(hook)
-    try:
+    with _noise_on_rows([layer], sigma_rel, seed) as (ratios, sizes):
         div[i] = rollout_divergence(system, x0, ref, batch_size)
-    finally:
-        handle.remove()
-    r = torch.stack(ratios).cpu().numpy() if ratios else np.zeros(0)
-    eps[i] = math.sqrt(np.mean(np.square(r))) if len(r) else 0.0
+    eps[i], n_out[i] = _realised(ratios[0]), sizes[0]
+
+
+def _noisy_rows(system, layers, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk) -> None:
+    """``K`` layers at once as row blocks of one plain pass (:mod:`tqslite.row_blocks`)."""
+    with _noise_on_rows(layers, sigma_rel, seed) as (ratios, sizes):
+        raw, _ = copies_divergence(lambda x: row_blocks.step_rows(system, x), len(layers), x0, ref, batch_size)
+    div[chunk] = nonfinite_stays(raw)
+    for j, i in enumerate(chunk):
+        eps[i], n_out[i] = _realised(ratios[j]), sizes[j]
+
+
+def _rows_agree(system, layers, sigma_rel, seed, x: torch.Tensor) -> bool:
+    """Whether ``K`` layers' copies, one window each from ``x``, step as row blocks as they step alone."""
+    states = row_blocks.copy_windows(x, len(layers))
+    try:
+        with _noise_on_rows(layers, sigma_rel, seed):
+            batched = row_blocks.step_rows(system, states)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:  # noqa: BLE001 -- whatever the row blocks break, vmap or one layer at a time runs
+        return False
+    for j, layer in enumerate(layers):
+        plain = system.step(states[j])
+        with _noise_on_rows([layer], sigma_rel, seed):
+            single = system.step(states[j])
+        if not row_blocks.agrees(batched[j], single, plain):
+            return False
+    return True
 
 
 def _noisy_batched(system, layers, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk) -> None:
