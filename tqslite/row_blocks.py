@@ -23,6 +23,10 @@ else its nearest ancestor that the step calls (a fused layer that reads its chil
 directly, an attention module that reads ``out_proj.weight``). :func:`check` runs one step of
 every copy both ways on one window and says which copies agree: the probe runs the others one
 at a time, and falls back to :mod:`tqslite.batched` (``torch.vmap``) if none does.
+
+The activation probe (:mod:`tqslite.activations.probe`) runs its layers as row blocks too: its
+hooks add noise to copy ``k``'s rows at layer ``k`` only, and it shares :func:`step_rows`,
+:func:`copy_windows` and :func:`agrees` with the weight probe.
 """
 
 from __future__ import annotations
