@@ -110,9 +110,12 @@ def probe_activations(model, x0, horizon: int = 20, sigma_rel: float = 1e-2, mod
             sub = [layers[i] for i in chunk]
             if engine == "rows" and len(chunk) > 1:
                 if _rows_agree(system, sub, sigma_rel, seed, x0[:batch_size]):
-                    _noisy_rows(system, sub, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk)
-                    bar.update(len(chunk))
-                    continue
+                    try:
+                        _noisy_rows(system, sub, sigma_rel, seed, x0, ref, batch_size, eps, n_out, div, chunk)
+                        bar.update(len(chunk))
+                        continue
+                    except NotBatchable:  # a later window batch the row blocks cannot cut
+                        pass
                 engine = "vmap"  # the copies' rows do not step as the layers alone do
             if engine == "vmap" and len(chunk) > 1:
                 try:
