@@ -1,10 +1,12 @@
-"""The multiple-choice knapsack: exact against brute force, greedy feasible and never better, constraints."""
+"""The multiple-choice knapsack: both exact solvers against brute force and each other, greedy feasible and
+never better, constraints, the dynamic program's hull and its hand-over to HiGHS."""
 
 import itertools
 
 import numpy as np
 import pytest
 
+from tqslite import knapsack
 from tqslite.knapsack import InfeasibleBudget, solve_mckp
 
 
@@ -29,12 +31,13 @@ def random_instance(rng, U=5, K=4):
     return costs, sizes, rng.uniform(lo, hi)
 
 
-def test_milp_equals_brute_force_and_greedy_is_feasible(rng):
+@pytest.mark.parametrize("solver", ["exact", "milp"])
+def test_exact_solvers_equal_brute_force_and_greedy_is_feasible(rng, solver):
     gaps = []
     for _ in range(40):
         costs, sizes, budget = random_instance(rng)
         best, _ = brute_force(costs, sizes, budget)
-        exact = solve_mckp(costs, sizes, budget, "milp")
+        exact = solve_mckp(costs, sizes, budget, solver)
         idx = (np.arange(len(exact)), exact)
         assert sizes[idx].sum() <= budget
         assert costs[idx].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)
@@ -46,7 +49,75 @@ def test_milp_equals_brute_force_and_greedy_is_feasible(rng):
     assert max(gaps) > 0  # on some instances greedy is measurably suboptimal: the exact solver matters
 
 
-def test_milp_equals_brute_force_with_masks_and_an_extra_constraint(rng):
+def test_dynamic_program_equals_brute_force_on_awkward_instances(rng):
+    """Ties in cost and size, masked options, one-option units, fractional sizes, a unit whose larger
+    option costs more: the pruning bounds and the Pareto lists must keep an optimum in every case."""
+    checked = 0
+    for _ in range(300):
+        U, K = rng.integers(1, 6), rng.integers(1, 5)
+        costs, sizes, budget = random_instance(rng, U, K)
+        if rng.random() < 0.3:
+            costs = np.round(costs, 1)  # ties in cost
+        if rng.random() < 0.3:
+            sizes = np.round(sizes / 8) * 8  # ties in size
+        if rng.random() < 0.3:
+            sizes = sizes + rng.random(sizes.shape)  # sizes that are not integers
+        if rng.random() < 0.3:
+            costs = costs[:, ::-1].copy()  # larger options cost more: the smallest is best
+        allowed = rng.random(costs.shape) > 0.25
+        allowed[np.arange(U), rng.integers(K, size=U)] = True
+        best, _ = brute_force(costs, sizes, budget, allowed)
+        if not np.isfinite(best):
+            continue
+        choice = solve_mckp(costs, sizes, budget, "exact", allowed)
+        idx = (np.arange(U), choice)
+        assert allowed[idx].all() and sizes[idx].sum() <= budget
+        assert costs[idx].sum() == pytest.approx(best, rel=1e-12, abs=1e-15)
+        checked += 1
+    assert checked > 150
+
+
+def test_dynamic_program_equals_highs_on_large_instances(rng):
+    """60 and 300 units of a quantization-like table (size = params x bits + scales, cost ~ 2^-2b):
+    the objective matches HiGHS's proven optimum and the budget holds to the bit."""
+    bits = np.array([2, 3, 4, 5, 6, 8, 16.0])
+    for units in (60, 300):
+        n = rng.integers(1_000, 500_000, size=units)
+        sizes = n[:, None] * bits + np.where(bits <= 8, 16 * np.ceil(n / 256)[:, None], 0)
+        costs = np.exp(rng.normal(0, 2, size=(units, 1))) * 4.0 ** -bits * rng.uniform(0.8, 1.2, (units, 7))
+        for per_param in (2.5, 4.0, 7.0):
+            budget = per_param * n.sum()
+            dp, hi = solve_mckp(costs, sizes, budget, "exact"), solve_mckp(costs, sizes, budget, "milp")
+            rows = np.arange(units)
+            assert sizes[rows, dp].sum() <= budget
+            assert costs[rows, dp].sum() == pytest.approx(costs[rows, hi].sum(), rel=1e-9)
+
+
+def test_hull_drops_points_above_the_chord_and_dominated_options():
+    size = np.array([3.0, 1.0, 4.0, 2.0, 5.0, 2.0])
+    cost = np.array([3.5, 10.0, 1.0, 4.0, 2.0, 6.0])
+    # (3, 3.5) lies above the chord (2, 4)-(4, 1); (5, 2) is larger and dearer; (2, 6) is dearer at size 2
+    assert knapsack._hull(size, cost).tolist() == [[1.0, 10.0], [2.0, 4.0], [4.0, 1.0]]
+
+
+def test_exact_hands_over_to_highs_past_its_work_limit_or_with_extra_constraints(rng, monkeypatch):
+    calls = []
+    real = knapsack._milp
+    monkeypatch.setattr(knapsack, "_milp", lambda *a: calls.append(1) or real(*a))
+    costs, sizes, budget = random_instance(rng, U=6, K=4)
+    best, _ = brute_force(costs, sizes, budget)
+    solve_mckp(costs, sizes, budget, "exact")
+    assert calls == []  # small: the dynamic program answers
+    monkeypatch.setattr(knapsack, "DP_WORK_LIMIT", 5)
+    choice = solve_mckp(costs, sizes, budget, "exact")
+    assert calls == [1]
+    assert costs[np.arange(6), choice].sum() == pytest.approx(best, rel=1e-9)
+    monkeypatch.setattr(knapsack, "DP_WORK_LIMIT", 10**9)
+    solve_mckp(costs, sizes, budget, "exact", extra=[(np.ones_like(costs), 6.0)])
+    assert calls == [1, 1]
+
+
+def test_exact_solvers_equal_brute_force_with_masks_and_an_extra_constraint(rng):
     for _ in range(20):
         costs, sizes, budget = random_instance(rng)
         allowed = rng.random(costs.shape) > 0.2
@@ -57,7 +128,7 @@ def test_milp_equals_brute_force_with_masks_and_an_extra_constraint(rng):
         best, _ = brute_force(costs, sizes, budget, allowed, extra)
         if not np.isfinite(best):
             continue
-        exact = solve_mckp(costs, sizes, budget, "milp", allowed, extra)
+        exact = solve_mckp(costs, sizes, budget, "exact", allowed, extra)
         idx = (np.arange(len(exact)), exact)
         assert allowed[idx].all() and weights[idx].sum() <= extra[0][1]
         assert costs[idx].sum() == pytest.approx(best, rel=1e-9, abs=1e-12)

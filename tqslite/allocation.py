@@ -284,7 +284,7 @@ def _table(scores, model, settings: dict) -> xr.Dataset:
 
 
 def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_bytes=None, options=None,
-             objective=None, quantizer=None, calibration=None, solver="milp", bottom=None, fp_budget=None,
+             objective=None, quantizer=None, calibration=None, solver="exact", bottom=None, fp_budget=None,
              tied=None, lead=None) -> Plan:
     """Choose a configuration per unit under a size budget.
 
@@ -301,7 +301,7 @@ def allocate(scores, model=None, *, budget_bits=None, compression=None, budget_b
     options, objective, quantizer, calibration, bottom, lead
         See :func:`cost_table` (its defaults apply). Only with scores: a cost table already
         fixes them, and giving them anyway is an error rather than silently ignored.
-    solver : {"milp", "greedy"}
+    solver : {"exact", "milp", "greedy"}
         See :func:`tqslite.knapsack.solve_mckp`.
     fp_budget : float, optional
         Largest fraction of the model's parameters kept at 16 or 32 bits.

@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="integer options per group of this many elements (default: per output channel)")
         q.add_argument("--objective", choices=("quadratic", "linear", "paper"), default=None,
                        help="cost of an option (default quadratic: errors add in quadrature)")
-        q.add_argument("--solver", choices=("milp", "greedy"), default="milp")
+        q.add_argument("--solver", choices=("exact", "milp", "greedy"), default="exact")
 
     def quantizer_args(q, what="the quantizer that prices and applies the plan"):
         q.add_argument("--quantizer", choices=("rtn", "mse", "gptq"), default="rtn", help=f"{what} (default rtn)")
