@@ -7,6 +7,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -234,6 +235,45 @@ class Scaled(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.inner(x) * self.scale)
+
+
+class Gated(NamedTuple):
+    value: torch.Tensor
+    gate: torch.Tensor
+
+
+class GatedLayer(nn.Module):
+    """A layer that returns a named tuple: its copies' outputs are written into both fields."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4).double()
+        self.g = nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return Gated(torch.tanh(self.lin(x)), torch.sigmoid(x * self.g))
+
+
+class GatedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer, self.out = GatedLayer(), nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        y = self.layer(x)
+        return self.out(y.value * y.gate)
+
+
+def test_a_layer_that_returns_a_named_tuple_runs_as_row_blocks():
+    torch.manual_seed(0)
+    model, x0 = GatedModel(), states(5, (4,))
+    units = {"layer": ["layer.lin.weight", "layer.lin.bias", "layer.g"], "out": ["out.weight", "out.bias"]}
+    for kind in ("quant", "gauss"):
+        one = probe(model, x0, horizon=4, units=units, perturbation=kind, chunk_units=1, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # neither a fallback to vmap nor to one unit at a time
+            batched = probe(model, x0, horizon=4, units=units, perturbation=kind, chunk_units=2, progress=False)
+        np.testing.assert_allclose(batched["divergence"], one["divergence"], rtol=1e-10, atol=0)
 
 
 def test_a_unit_at_nested_hook_points_runs_as_row_blocks():

@@ -265,9 +265,12 @@ def _block(obj, flags: Sequence[bool], k: int, n_copies: int):
 
 
 def _map(obj, fn):
-    """``obj`` (tensors in nested tuples, lists and dicts) with ``fn`` applied to each tensor, in :func:`_tensors` order."""
+    """``obj`` (tensors in nested tuples, named tuples, lists and dicts) with ``fn`` applied to each
+    tensor, in :func:`_tensors` order."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple takes its fields as arguments
+        return type(obj)(*(_map(o, fn) for o in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_map(o, fn) for o in obj)
     if isinstance(obj, dict):
