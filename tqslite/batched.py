@@ -34,6 +34,7 @@ without ``functional_step``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import warnings
@@ -53,6 +54,12 @@ CPU_BUDGET = 2**30
 
 class NotBatchable(RuntimeError):
     """The system's step cannot be mapped by :func:`torch.vmap` (the reason is the message)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Vmap:
+    """The probe's ``engine`` value for :func:`torch.func.vmap` over stacked copies of the perturbed
+    parameters (:func:`batched_divergence`); :class:`tqslite.row_blocks.RowBlocks` is the other."""
 
 
 def supports_batching(system) -> bool:
@@ -293,6 +300,6 @@ def plan_chunks(units: Sequence[Sequence[str]], tensor_bytes: dict, activation_b
     return chunks
 
 
-__all__ = ["CPU_BUDGET", "NotBatchable", "batched_divergence", "check_batchable", "copies_divergence",
+__all__ = ["CPU_BUDGET", "NotBatchable", "Vmap", "batched_divergence", "check_batchable", "copies_divergence",
            "default_memory_budget", "parse_bytes", "plan_chunks", "quiet_slow_ops", "stack_perturbed", "step_memory",
            "supports_batching"]

@@ -46,7 +46,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from . import row_blocks
-from .batched import (NotBatchable, batched_divergence, check_batchable, default_memory_budget, parse_bytes,
+from .batched import (NotBatchable, Vmap, batched_divergence, check_batchable, default_memory_budget, parse_bytes,
                       plan_chunks, quiet_slow_ops, step_memory, supports_batching)
 from .config import Config, Int, as_config
 from .quantization import check_finite
@@ -344,7 +344,7 @@ def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units
     """``(chunks, engine)``: the units cut into chunks for batched passes, and the engine that runs them.
 
     ``engine`` is a :class:`tqslite.row_blocks.RowBlocks` (copies as blocks of rows of one plain
-    pass), ``"vmap"`` (:mod:`tqslite.batched`) or None (one unit at a time). On the CPU the
+    pass), :class:`~tqslite.batched.Vmap` (:mod:`tqslite.batched`) or None (one unit at a time). On the CPU the
     default is one unit at a time (batched passes measured no faster there); a ``chunk_units``
     above 1 or a ``memory_budget`` asks for batches anyway. Row blocks are tried first: every
     chunk's copies take one step both ways, batched and alone, one window each
@@ -378,7 +378,7 @@ def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units
             if slow:
                 warnings.warn(f"torch.vmap has no batching rule for {', '.join(slow)}: those operators run once per "
                               "unit inside each batched pass (exact, but slower).", stacklevel=4)
-            return chunks, "vmap"
+            return chunks, Vmap()
     warnings.warn(f"{type(getattr(system, 'module', system)).__name__} cannot run batched ({'; '.join(reasons)}); "
                   "the probe scores one unit at a time (same scores, without the batched speed-up). "
                   "chunk_units=1 skips this attempt.", stacklevel=4)
@@ -494,7 +494,7 @@ def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, pe
 
     Each unit's weights are perturbed (for :class:`QuantResidual`, from ``quantized``, the
     quantizer's weights of the chunk's tensors; a zero residual is replaced by the fallback
-    Gaussian noise). With an ``engine`` (a :class:`tqslite.row_blocks.RowBlocks` or ``"vmap"``)
+    Gaussian noise). With an ``engine`` (a :class:`tqslite.row_blocks.RowBlocks` or :class:`~tqslite.batched.Vmap`)
     the units with a non-zero perturbation run together (a pass that does not fit the device's
     memory is split in halves); without one, or if the engine refuses the step, one at a time
     with their weights swapped in place and restored.
@@ -537,7 +537,7 @@ def _batched(system, engine, x0, ref, batch_size, weights: list) -> np.ndarray:
         with swapped(system, weights[0]):
             return rollout_divergence(system, x0, ref, batch_size)[None]
     try:
-        if engine == "vmap":
+        if isinstance(engine, Vmap):
             with quiet_slow_ops():
                 return nonfinite_stays(batched_divergence(system, x0, ref, batch_size, weights))
         return nonfinite_stays(row_blocks.divergence(system, engine, x0, ref, batch_size, weights))
