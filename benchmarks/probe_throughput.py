@@ -20,7 +20,7 @@ Run:  .venv/bin/python benchmarks/probe_throughput.py [--threads 1] [--quick] [-
    (windows x leads per unit) at which TQS would cost half of GPTQ per point on this machine,
    from the measured cost of one window-step.
 3. **A cluster**: the probe of ``pangu_lite`` on a local dask cluster of 2 worker processes (one
-   thread each, started with ``tqslite.sweep.WORKER_ENV``) through ``distributed.Client``, against
+   thread each, started with ``tqslite.sweep.WORKER_CONFIG``) through ``distributed.Client``, against
    the serial probe with one thread.
 4. The multiple-choice knapsack on 1000 units x 7 options: both exact solvers (the pruned dynamic
    program, the default, and HiGHS) and the greedy rule.
@@ -50,7 +50,7 @@ import tqslite  # noqa: E402
 from tqslite.comparison import BUDGETS, GROUP_SIZE  # noqa: E402
 from tqslite.config import PerChannel, PerGroup, int_options  # noqa: E402
 from tqslite.models import load  # noqa: E402
-from tqslite.sweep import WORKER_ENV  # noqa: E402
+from tqslite.sweep import WORKER_CONFIG  # noqa: E402
 from tqslite.splits import calibration_states, probe_states  # noqa: E402
 
 STAND_INS = ("pangu_lite", "aurora_lite", "timesfm_lite")
@@ -174,6 +174,7 @@ def pareto_cost(name, repeat):
 
 def cluster_speedup(repeat):
     """Serial probe of pangu_lite (one thread) against a local dask cluster of 2 single-thread workers."""
+    import dask
     import distributed
 
     system, _ = load("pangu_lite")
@@ -183,8 +184,9 @@ def cluster_speedup(repeat):
     serial = tqslite.probe(system, x0, **kw)
     # timed before the cluster starts: its scheduler and client share this process
     (t_serial,) = best_times([lambda: tqslite.probe(system, x0, **kw)], repeat)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  env=WORKER_ENV, silence_logs=logging.ERROR) as cluster, \
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                     silence_logs=logging.ERROR) as cluster, \
             distributed.Client(cluster) as client:
         tqslite.probe(system, x0[:1], horizon=1, executor=client, chunk_units=1, progress=False)  # workers import torch
         (t_cluster,) = best_times([lambda: tqslite.probe(system, x0, executor=client, **kw)], repeat)

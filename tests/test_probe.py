@@ -1,6 +1,8 @@
 """The TQS probe on systems with known answers (SPEC section 2)."""
 
 import math
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -260,17 +262,37 @@ def test_parallel_executors_give_identical_scores(mlp, x0):
 
 
 def test_dask_local_cluster_gives_identical_scores(mlp, x0):
-    distributed = pytest.importorskip("distributed")
+    distributed, dask = pytest.importorskip("distributed"), pytest.importorskip("dask")
     serial = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False, chunk_units=2)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  env=tqslite.sweep.WORKER_ENV) as cluster, \
+    with dask.config.set(tqslite.sweep.WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        assert tqslite.sweep.slow_allocation_workers(client) == []  # the setting was there from the start
         remote = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
                        executor=client.get_executor(), chunk_units=2)
-        scattered = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
-                          executor=client, chunk_units=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning about the workers' allocator
+            scattered = probe(mlp, x0, perturbation="quant", units="block", horizon=6, progress=False,
+                              executor=client, chunk_units=2)
     xr.testing.assert_identical(scattered, serial)
     xr.testing.assert_identical(remote, serial)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads a process's initial environment (Linux)")
+def test_workers_given_the_allocator_setting_too_late_are_named(mlp, x0, monkeypatch):
+    """``LocalCluster(env=...)`` sets the variable inside the running worker, after glibc read its
+    environment: the worker still maps every large tensor afresh, and the probe says so."""
+    distributed = pytest.importorskip("distributed")
+    # a nanny copies its pre-spawn settings into this process's environment, where workers inherit them
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  env=tqslite.sweep.WORKER_ENV) as cluster, distributed.Client(cluster) as client:
+        workers = list(client.scheduler_info()["workers"])
+        mmap = client.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))  # read in the worker
+        assert mmap == dict.fromkeys(workers, "33554432")  # it is set there, but too late
+        assert tqslite.sweep.slow_allocation_workers(client) == workers
+        with pytest.warns(UserWarning, match="MALLOC_MMAP_THRESHOLD_=33554432"):
+            probe(mlp, x0, horizon=2, progress=False, executor=client, chunk_units=2)
 
 
 def test_transposed_convolutions_are_quantized_per_output_channel():

@@ -22,7 +22,7 @@ from tqslite.allocation import option_residuals
 from tqslite.batched import batched_divergence, check_batchable, parse_bytes, plan_chunks, step_memory
 from tqslite.evaluation import compare_plans, forecast
 from tqslite.models import pangu_lite, timesfm_lite
-from tqslite.sweep import WORKER_ENV
+from tqslite.sweep import WORKER_CONFIG
 from tqslite.systems import swapped
 from tqslite.units import resolve_units
 
@@ -694,7 +694,7 @@ class DiesOnce(nn.Module):
 
 
 def test_a_worker_killed_mid_sweep_loses_no_finished_unit(tmp_path):
-    distributed = pytest.importorskip("distributed")
+    distributed, dask = pytest.importorskip("distributed"), pytest.importorskip("dask")
     torch.manual_seed(0)
     marker = tmp_path / "kill-a-worker"
     model = DiesOnce(str(marker), os.getpid())
@@ -710,8 +710,8 @@ def test_a_worker_killed_mid_sweep_loses_no_finished_unit(tmp_path):
         finished_at_kill.extend(xr.load_dataset(file)["unit"].values.tolist())
         marker.touch()
 
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                  env=WORKER_ENV) as cluster, \
+    with dask.config.set(WORKER_CONFIG), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client, distributed.get_task_stream(client) as stream:
         killer = threading.Thread(target=kill_a_worker_once_a_chunk_is_in, daemon=True)
         killer.start()

@@ -14,9 +14,10 @@ A probe over hundreds of units of a large model runs for hours. Two things make 
   it can be written to the file before anything else happens. On a dask cluster the shared
   arguments (the model, the states) go to every worker once (``Client.scatter``), and a worker
   that dies takes only its running task with it: dask runs that task again on another worker,
-  and every finished one is already here. Start the workers with :data:`WORKER_ENV` (a
-  warning says so when they lack it): with dask's default allocator settings tensor code ran
-  3x slower in them.
+  and every finished one is already here. Start the workers with :data:`WORKER_ENV` in their
+  environment from the start (:data:`WORKER_CONFIG` does that for clusters started from Python;
+  a warning says so when they lack it): with dask's default allocator settings tensor code ran
+  2-3x slower in them.
 """
 
 from __future__ import annotations
@@ -39,13 +40,20 @@ from .files import write_atomic
 #: Written into every sweep file; a file with another value is refused.
 FORMAT = "tqslite-sweep-1"
 
-#: Environment for dask worker processes: ``LocalCluster(..., env=WORKER_ENV)``, or
-#: ``MALLOC_MMAP_THRESHOLD_=33554432 dask worker ...``. dask's nanny starts workers with
-#: ``MALLOC_TRIM_THRESHOLD_`` set, which makes glibc map and unmap every allocation above 128 kB
-#: afresh; a rollout of ``pangu_lite`` ran 3x slower in such a worker than in this process
-#: (measured on the project's machine). A fixed mmap threshold of 32 MiB (glibc's largest)
-#: restores the speed.
+#: Environment for dask worker processes, which must hold when the process starts (glibc reads
+#: it then): ``MALLOC_MMAP_THRESHOLD_=33554432 dask worker ...`` from a shell, or
+#: :data:`WORKER_CONFIG` from Python. dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_``
+#: set, which makes glibc map and unmap every allocation above 128 kB afresh; a rollout of
+#: ``pangu_lite`` ran 1.8x (an earlier machine: 3x) slower in such a worker than in this process.
+#: A fixed mmap threshold of 32 MiB (glibc's largest) restores the speed. ``LocalCluster(...,
+#: env=WORKER_ENV)`` is too late: dask sets ``env`` inside the worker once it runs.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
+
+#: dask configuration that puts :data:`WORKER_ENV` in the environment of every worker process a
+#: nanny spawns from this process, before it starts (dask's ``pre-spawn-environ``):
+#: ``with dask.config.set(WORKER_CONFIG): cluster = LocalCluster(...)``. A nanny keeps the
+#: setting for the workers it restarts.
+WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
 
 
 def weights_fingerprint(system) -> str:
@@ -179,9 +187,10 @@ def run_tasks(fn: Callable, shared: tuple, tasks: Sequence[tuple], executor=None
         slow = slow_allocation_workers(executor)
         if slow:
             warnings.warn(f"{len(slow)} dask worker(s) run with MALLOC_TRIM_THRESHOLD_ set and no "
-                          "MALLOC_MMAP_THRESHOLD_: every large tensor is a fresh memory map there, and rollouts ran 3x "
-                          "slower in such workers. Start them with tqslite.sweep.WORKER_ENV "
-                          "(MALLOC_MMAP_THRESHOLD_=33554432).", stacklevel=3)
+                          "MALLOC_MMAP_THRESHOLD_: every large tensor is a fresh memory map there, and rollouts ran "
+                          "2-3x slower in such workers. Start them with MALLOC_MMAP_THRESHOLD_=33554432 in their environment "
+                          "(from Python: with dask.config.set(tqslite.sweep.WORKER_CONFIG): LocalCluster(...)).",
+                          stacklevel=3)
         token = uuid.uuid4().hex[:8]
         remote = executor.scatter(list(shared), broadcast=True, hash=False)
         futures = {executor.submit(fn, *remote, *task, key=f"{name}-{token}-{i}", pure=False): i
@@ -211,11 +220,21 @@ def run_tasks(fn: Callable, shared: tuple, tasks: Sequence[tuple], executor=None
 
 
 def _allocation_env():
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    """``(MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_)`` as this process started with them, which
+    is what glibc read: ``/proc/self/environ`` on Linux (later changes to ``os.environ`` do not
+    show there), else ``os.environ``."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            pairs = [item.decode(errors="replace").split("=", 1) for item in f.read().split(b"\0") if b"=" in item]
+        env = dict(pairs)
+    except OSError:
+        env = os.environ
+    return env.get("MALLOC_TRIM_THRESHOLD_"), env.get("MALLOC_MMAP_THRESHOLD_")
 
 
 def slow_allocation_workers(client) -> list[str]:
-    """Addresses of the dask workers whose allocator settings slow tensor code down (see :data:`WORKER_ENV`)."""
+    """Addresses of the dask workers whose allocator settings slow tensor code down (see :data:`WORKER_ENV`):
+    started with ``MALLOC_TRIM_THRESHOLD_`` and without ``MALLOC_MMAP_THRESHOLD_``."""
     return [addr for addr, (trim, mmap) in client.run(_allocation_env).items() if trim is not None and mmap is None]
 
 
@@ -229,5 +248,5 @@ def as_json(value) -> str:
     return json.dumps(value, sort_keys=True, default=default)
 
 
-__all__ = ["FORMAT", "WORKER_ENV", "SweepFile", "as_json", "is_dask_client", "run_tasks", "slow_allocation_workers",
-           "weights_fingerprint"]
+__all__ = ["FORMAT", "WORKER_CONFIG", "WORKER_ENV", "SweepFile", "as_json", "is_dask_client", "run_tasks",
+           "slow_allocation_workers", "weights_fingerprint"]
