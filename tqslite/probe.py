@@ -344,9 +344,9 @@ def _chunks(system, x: torch.Tensor, units, perturbation, quantized, chunk_units
     """``(chunks, engine)``: the units cut into chunks for batched passes, and the engine that runs them.
 
     ``engine`` is a :class:`tqslite.row_blocks.RowBlocks` (copies as blocks of rows of one plain
-    pass), :class:`~tqslite.batched.Vmap` (:mod:`tqslite.batched`) or None (one unit at a time). On the CPU the
-    default is one unit at a time (batched passes measured no faster there); a ``chunk_units``
-    above 1 or a ``memory_budget`` asks for batches anyway. Row blocks are tried first: every
+    pass), a :class:`~tqslite.batched.Vmap` (stacked copies under ``torch.vmap``) or None (one
+    unit at a time). On the CPU the default is one unit at a time (batched passes measured no
+    faster there); a ``chunk_units`` above 1 or a ``memory_budget`` asks for batches anyway. Row blocks are tried first: every
     chunk's copies take one step both ways, batched and alone, one window each
     (:func:`tqslite.row_blocks.check`), and a unit whose copy disagrees runs alone. Where the row blocks cannot run at all, one
     ``torch.vmap`` step is tried; a model it cannot map either gets one warning and single units.
@@ -494,8 +494,8 @@ def score_units(system, x0: torch.Tensor, ref: torch.Tensor, batch_size: int, pe
 
     Each unit's weights are perturbed (for :class:`QuantResidual`, from ``quantized``, the
     quantizer's weights of the chunk's tensors; a zero residual is replaced by the fallback
-    Gaussian noise). With an ``engine`` (a :class:`tqslite.row_blocks.RowBlocks` or :class:`~tqslite.batched.Vmap`)
-    the units with a non-zero perturbation run together (a pass that does not fit the device's
+    Gaussian noise). With an ``engine`` (a :class:`tqslite.row_blocks.RowBlocks` or a
+    :class:`~tqslite.batched.Vmap`) the units with a non-zero perturbation run together (a pass that does not fit the device's
     memory is split in halves); without one, or if the engine refuses the step, one at a time
     with their weights swapped in place and restored.
 
