@@ -44,6 +44,12 @@ def rng():
     return np.random.default_rng(0)
 
 
+#: pytest-timeout limit (seconds) for the tests that use ``smoke_site``: the first of them builds the
+#: whole book (14 notebooks, then Sphinx), which took about 4 minutes on a fast machine and over 10 on
+#: a slow shared one, past the 600 s every other test gets (pyproject.toml).
+SMOKE_BUILD_TIMEOUT = 2400
+
+
 @pytest.fixture(scope="session")
 def smoke_site(tmp_path_factory):
     """The real book built once per session in SMOKE mode: ``(site folder, stage folder)``.

@@ -14,6 +14,7 @@ import re
 
 import nbformat
 import pytest
+from conftest import SMOKE_BUILD_TIMEOUT
 
 from tqslite.book import list_notebooks
 
@@ -76,6 +77,7 @@ def test_committed_without_outputs(path):
             assert not cell.outputs and cell.execution_count is None, "strip outputs before committing"
 
 
+@pytest.mark.timeout(SMOKE_BUILD_TIMEOUT)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_notebook_runs_in_smoke_mode_and_renders_with_figures(smoke_site, path):
     site, stage = smoke_site
@@ -90,6 +92,7 @@ def test_notebook_runs_in_smoke_mode_and_renders_with_figures(smoke_site, path):
     assert any(p.suffix in (".nc", ".json") for p in results), "results are written to output_dir"
 
 
+@pytest.mark.timeout(SMOKE_BUILD_TIMEOUT)
 def test_case_study_page_screenshot(smoke_site, tmp_path):
     """A case study renders in headless Chromium, offline, with its title and its figures."""
     import matplotlib.image

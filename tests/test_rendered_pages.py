@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from bs4 import BeautifulSoup
+from conftest import SMOKE_BUILD_TIMEOUT
 
 from tqslite.book import REPO_ROOT
 
@@ -217,6 +218,7 @@ def book_site(request) -> Path:
     return site
 
 
+@pytest.mark.timeout(SMOKE_BUILD_TIMEOUT)
 def test_no_page_shows_raw_latex_warnings_paths_or_numpy_reprs(book_site):
     report = site_defects(book_site)
     lines = [f"{page}: {defect}" for page, defects in report.items() for defect in defects]
